@@ -1,0 +1,41 @@
+# The README's commands. Each bootstraps .venv from the pinned dependencies in pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+ARGS ?=
+
+.PHONY: demo test lint bench bench-render bench-specimen dataset clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+## the main job: a demo serial-sectioning run against the simulator (ARGS="--slices 48" to change it)
+demo: $(STAMP)
+	$(BIN)/kintsugi demo $(ARGS)
+
+## lint, type-check and the whole test suite
+test: lint
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## benchmarks: print their figures (see README)
+bench: bench-render bench-specimen
+
+bench-render: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_render
+
+bench-specimen: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_specimen
+
+dataset: $(STAMP)
+	$(BIN)/kintsugi-sim dataset --out dataset $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

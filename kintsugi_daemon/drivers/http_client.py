@@ -1,0 +1,210 @@
+"""The daemon's one instrument client: `DualBeam` over the instrument API.
+
+Every call has a deadline: it travels to the server (which stops the instrument when it passes) and bounds
+the HTTP wait here too, with a grace for the server's own answer. If the server never answers, the client
+asks it to stop and raises DeadlineExceeded. Transport failures become CommsLost. Destructive verbs are
+never retried here: whether a mill happened is for the journal to reconcile, not for a retry loop to guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from kintsugi_daemon.drivers.base import (
+    DEFAULT_DEADLINES_S,
+    AcquireRequest,
+    Acquisition,
+    AcquisitionMetadata,
+    AutoFunctionRequest,
+    AutoFunctionResult,
+    BeamShift,
+    CommsLost,
+    DeadlineExceeded,
+    DepositRequest,
+    DepositResult,
+    EdxRequest,
+    EdxResult,
+    ErrorBody,
+    InstrumentError,
+    InstrumentIdentity,
+    InstrumentState,
+    IonBeamSettings,
+    IonBeamState,
+    MillRequest,
+    MillResult,
+    PolishRequest,
+    SafeStateResult,
+    StageMove,
+    StagePosition,
+    StopResult,
+    error_from_body,
+)
+from kintsugi_daemon.drivers.server import API_PREFIX
+from kintsugi_daemon.drivers.tiff_wire import decode_channels
+
+__all__ = ["HttpDualBeam"]
+
+M = TypeVar("M", bound=BaseModel)
+
+GRACE_S = 5.0  # time the server gets beyond the deadline to report its own DeadlineExceeded
+STOP_TIMEOUT_S = 5.0
+
+
+class HttpDualBeam:
+    """A DualBeam reached over HTTP. `deadline_scale` shrinks the default deadlines for fast simulators."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        deadline_scale: float = 1.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if deadline_scale <= 0:
+            raise ValueError("deadline_scale must be > 0")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, transport=transport)
+        self._deadline_scale = deadline_scale
+        self.base_url = base_url
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> HttpDualBeam:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _deadline(self, verb: str, deadline_s: float | None) -> float:
+        if deadline_s is not None:
+            if deadline_s <= 0:
+                raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+            return deadline_s
+        return max(DEFAULT_DEADLINES_S[verb] * self._deadline_scale, 5.0)
+
+    async def _request(
+        self, verb: str, method: str, path: str, body: BaseModel | None, deadline_s: float | None
+    ) -> httpx.Response:
+        limit = self._deadline(verb, deadline_s)
+        content = body.model_dump_json().encode() if body is not None else None
+        headers = {"X-Deadline-S": repr(limit)}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            resp = await self._http.request(
+                method, API_PREFIX + path, content=content, headers=headers, timeout=limit + GRACE_S
+            )
+        except httpx.TimeoutException:
+            await self._stop_quietly()
+            raise DeadlineExceeded(
+                f"{verb}: no answer from {self.base_url} within {limit + GRACE_S:g} s",
+                detail={"verb": verb, "deadline_s": limit},
+            ) from None
+        except httpx.TransportError as exc:
+            raise CommsLost(
+                f"{verb}: instrument API at {self.base_url} unreachable: {exc!r}", detail={"verb": verb}
+            ) from exc
+        if resp.status_code >= 400:
+            raise self._error(verb, resp)
+        return resp
+
+    @staticmethod
+    def _error(verb: str, resp: httpx.Response) -> InstrumentError:
+        try:
+            body = ErrorBody.model_validate(resp.json())
+        except (ValueError, ValidationError):
+            return InstrumentError(
+                f"{verb}: HTTP {resp.status_code}: {resp.text[:200]}", detail={"status": resp.status_code}
+            )
+        if body.kind == "unauthorized":
+            return CommsLost(f"{verb}: the instrument API refused our token", detail={"status": 401})
+        return error_from_body(body)
+
+    async def _stop_quietly(self) -> None:
+        # The server may be gone or hung; the caller gets DeadlineExceeded either way.
+        with contextlib.suppress(httpx.HTTPError):
+            await self._http.post(API_PREFIX + "/stop", timeout=STOP_TIMEOUT_S)
+
+    async def _json(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        body: BaseModel | None,
+        model: type[M],
+        deadline_s: float | None,
+    ) -> M:
+        resp = await self._request(verb, method, path, body, deadline_s)
+        try:
+            return model.model_validate_json(resp.content, strict=False)
+        except ValidationError as exc:
+            raise CommsLost(f"{verb}: malformed answer from the instrument API: {exc}") from exc
+
+    async def _tiff(
+        self, verb: str, path: str, body: BaseModel, deadline_s: float | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        resp = await self._request(verb, "POST", path, body, deadline_s)
+        try:
+            return decode_channels(resp.content)
+        except (ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise CommsLost(f"{verb}: malformed TIFF from the instrument API: {exc!r}") from exc
+
+    # --- DualBeam -----------------------------------------------------------------------------------
+
+    async def identity(self, *, deadline_s: float | None = None) -> InstrumentIdentity:
+        return await self._json("identity", "GET", "/identity", None, InstrumentIdentity, deadline_s)
+
+    async def state(self, *, deadline_s: float | None = None) -> InstrumentState:
+        return await self._json("state", "GET", "/state", None, InstrumentState, deadline_s)
+
+    async def move_stage(self, move: StageMove, *, deadline_s: float | None = None) -> StagePosition:
+        return await self._json("move_stage", "POST", "/stage/move", move, StagePosition, deadline_s)
+
+    async def set_ion_beam(
+        self, settings: IonBeamSettings, *, deadline_s: float | None = None
+    ) -> IonBeamState:
+        return await self._json("set_ion_beam", "POST", "/ion-beam", settings, IonBeamState, deadline_s)
+
+    async def set_beam_shift(self, shift: BeamShift, *, deadline_s: float | None = None) -> BeamShift:
+        return await self._json("set_beam_shift", "POST", "/beam-shift", shift, BeamShift, deadline_s)
+
+    async def deposit_pt(self, request: DepositRequest, *, deadline_s: float | None = None) -> DepositResult:
+        return await self._json("deposit_pt", "POST", "/deposit", request, DepositResult, deadline_s)
+
+    async def mill(self, request: MillRequest, *, deadline_s: float | None = None) -> MillResult:
+        return await self._json("mill", "POST", "/mill", request, MillResult, deadline_s)
+
+    async def polish(self, request: PolishRequest, *, deadline_s: float | None = None) -> MillResult:
+        return await self._json("polish", "POST", "/polish", request, MillResult, deadline_s)
+
+    async def acquire(self, request: AcquireRequest, *, deadline_s: float | None = None) -> Acquisition:
+        channels, meta = await self._tiff("acquire", "/acquire", request, deadline_s)
+        try:
+            metadata = AcquisitionMetadata.model_validate(meta, strict=False)
+        except ValidationError as exc:
+            raise CommsLost(f"acquire: malformed image metadata: {exc}") from exc
+        return Acquisition(channels, metadata)
+
+    async def auto_function(
+        self, request: AutoFunctionRequest, *, deadline_s: float | None = None
+    ) -> AutoFunctionResult:
+        return await self._json(
+            "auto_function", "POST", "/auto-function", request, AutoFunctionResult, deadline_s
+        )
+
+    async def edx_map(self, request: EdxRequest, *, deadline_s: float | None = None) -> EdxResult:
+        channels, meta = await self._tiff("edx_map", "/edx", request, deadline_s)
+        return EdxResult(channels, float(meta["step_m"]), float(meta["duration_s"]))
+
+    async def stop(self, *, deadline_s: float | None = None) -> StopResult:
+        return await self._json("stop", "POST", "/stop", None, StopResult, deadline_s)
+
+    async def safe_state(self, *, deadline_s: float | None = None) -> SafeStateResult:
+        return await self._json("safe_state", "POST", "/safe-state", None, SafeStateResult, deadline_s)

@@ -1,0 +1,55 @@
+"""Test-only endpoints of the simulator (served only with `--test-endpoints`).
+
+Ground truth of the current face aligned with the last image, fault injection, and a look at the face.
+A real bridge never serves these; a daemon must never depend on them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from kintsugi_daemon.drivers.tiff_wire import TIFF_MEDIA_TYPE, encode_channels
+from simulator.faults import FaultSpec
+from simulator.instrument import SimulatedDualBeam
+from simulator.materials import CANONICAL_CLASSES
+
+__all__ = ["TEST_PREFIX", "test_router"]
+
+TEST_PREFIX = "/test"
+
+
+def test_router(sim: SimulatedDualBeam) -> APIRouter:
+    router = APIRouter(prefix=TEST_PREFIX, tags=["test-only"])
+
+    @router.get(
+        "/ground-truth",
+        response_class=Response,
+        responses={200: {"content": {TIFF_MEDIA_TYPE: {}}}, 404: {"description": "no image yet"}},
+    )
+    async def ground_truth() -> Response:
+        if sim.last_labels is None:
+            return JSONResponse(
+                status_code=404,
+                content={"kind": "invalid_request", "message": "no image acquired yet", "detail": {}},
+            )
+        data = encode_channels({"labels": sim.last_labels}, {"classes": CANONICAL_CLASSES})
+        return Response(content=data, media_type=TIFF_MEDIA_TYPE)
+
+    @router.post("/faults")
+    async def inject(spec: FaultSpec) -> dict[str, Any]:
+        sim.faults.arm(spec)
+        return sim.face_report()["faults"]  # type: ignore[return-value]
+
+    @router.delete("/faults")
+    async def clear() -> dict[str, Any]:
+        sim.faults.clear()
+        return sim.face_report()["faults"]  # type: ignore[return-value]
+
+    @router.get("/face")
+    async def face() -> dict[str, Any]:
+        return sim.face_report()
+
+    return router
