@@ -20,8 +20,9 @@ __all__ = ["write_atomic", "write_json_atomic", "write_tiff_atomic"]
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)  # reopened by name: tifffile wants a file object with a path
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

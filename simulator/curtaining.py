@@ -73,7 +73,7 @@ def curtain_map(
     face_materials: (rows, cols) Material codes of the face; pt: optional Pt mask of the face (filled
     voids seed no stripes). previous: the last slice's map; its stripe pattern carries over with
     correlation PERSISTENCE (the beam keeps cutting along the same ridges)."""
-    rows, cols = face_materials.shape
+    cols = int(face_materials.shape[1])
     density = _DENSITY.take(face_materials)
     if pt is not None:
         density[pt] = _PT_DENSITY
@@ -86,8 +86,8 @@ def curtain_map(
     envelope = 1.0 - np.exp(-seeded)
 
     # stripes of mixed widths: a fine and a coarse band-limited random profile across the columns
-    fine = ndi.gaussian_filter1d(rng.standard_normal(cols).astype(np.float32), 1.0, mode="wrap")
-    coarse = ndi.gaussian_filter1d(rng.standard_normal(cols).astype(np.float32), 4.0, mode="wrap")
+    fine = ndi.gaussian_filter1d(rng.standard_normal((cols,), dtype=np.float32), 1.0, mode="wrap")
+    coarse = ndi.gaussian_filter1d(rng.standard_normal((cols,), dtype=np.float32), 4.0, mode="wrap")
     pattern = _unit_rms(_unit_rms(fine) + 0.5 * _unit_rms(coarse))
     if previous is not None and previous.shape == face_materials.shape:
         carried = _unit_rms((previous.astype(np.float32) - 1.0).mean(axis=0))
@@ -96,4 +96,5 @@ def curtain_map(
 
     amp = curtain_amplitude(cap_thickness_m, current_a, species, polish_passes)
     out = 1.0 + np.float32(amp) * envelope * pattern[None, :]
-    return np.clip(out, 0.05, 3.0).astype(np.float32)
+    result: np.ndarray = np.clip(out, 0.05, 3.0).astype(np.float32)
+    return result

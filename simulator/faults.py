@@ -1,7 +1,8 @@
 """Fault injection for the simulator: off unless asked for, scriptable from a flag or a test endpoint.
 
 A fault is armed for a verb (or any verb) and fires on the Nth matching call from now; it then stays
-active for `duration_s` (instrument time; None: until cleared). The flag syntax is
+active for `duration_s` wall-clock seconds (None: until cleared; stage_move_error, hang and crash act
+on the one call they fire on). The flag syntax is
 `KIND[@VERB][:AFTER][/DURATION]`, e.g. `hang@mill:3` or `vacuum_loss/60`.
 """
 
@@ -14,7 +15,7 @@ from pydantic import Field
 
 from kintsugi_daemon.drivers.base import StrictModel
 
-__all__ = ["FaultKind", "FaultPlan", "FaultSpec", "parse_fault_flag"]
+__all__ = ["ONE_SHOT", "FaultKind", "FaultPlan", "FaultSpec", "parse_fault_flag"]
 
 FaultKind = Literal[
     "stage_move_error",
@@ -40,6 +41,10 @@ Verb = Literal[
     "edx_map",
     "safe_state",
 ]
+
+
+# Without a duration these act on the one call they fire on; the others persist until cleared.
+ONE_SHOT = frozenset({"stage_move_error", "hang", "crash"})
 
 
 class FaultSpec(StrictModel):
@@ -91,7 +96,10 @@ class FaultPlan:
                 still.append((spec, remaining - 1))
             else:
                 fired.append(spec)
-                self._active[spec.kind] = None if spec.duration_s is None else now_s + spec.duration_s
+                if spec.duration_s is not None:
+                    self._active[spec.kind] = now_s + spec.duration_s
+                elif spec.kind not in ONE_SHOT:
+                    self._active[spec.kind] = None
         self._armed = still
         return fired
 

@@ -16,7 +16,6 @@ so extreme settings saturate, as on the instrument.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,14 +51,17 @@ SIGNAL_REF: dict[str, float] = {"cbs": 0.5, "tld": 1.0, "etd": 1.0, "ice": 1.0}
 ELECTRONS_PER_PA_US = 6.24  # 1 pA for 1 us = 6.24 electrons
 DARK_NOISE = 8e-4  # amplifier noise in yield units: keeps black areas from being noise-free
 POISSON_BELOW = 20.0  # detected counts under which the Gaussian approximation of Poisson is poor
-SE_EDGE_GAIN = 1.0
+SE_EDGE_GAIN = 2.0
 SE_PORE_BACK_LAMBDA_M = 0.3e-6  # SEs from a pore's back wall escape less than BSEs
 ION_PORE_BACK_LAMBDA_M = 0.2e-6
 SE_CHARGING_GAIN = 0.4
 BSE_CHARGING_GAIN = 0.03
 
 
-@dataclass(frozen=True)
+MAX_BLUR_SIGMA_PX = 25.0
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: identity equality and hash
 class FaceView:
     """What the beam can see: the exposed face (plane 0) and the unmilled material behind it."""
 
@@ -102,7 +104,7 @@ class ImagingConditions:
     curtain: np.ndarray | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: identity equality and hash
 class Rendered:
     images: dict[str, np.ndarray]  # uint16 (height_px, width_px) per detector
     labels: np.ndarray  # uint8 canonical classes, pixel-aligned with the images
@@ -163,7 +165,8 @@ class _Scene:
         var = det.PROBE_SIGMA_M**2 + focus**2
         sig_c = math.sqrt(var + (astig**2 if cond.astigmatism > 0 else 0.0)) / pixel
         sig_r = math.sqrt(var + (astig**2 if cond.astigmatism < 0 else 0.0)) / pixel
-        self.sigma_rc = (sig_r, sig_c)
+        # A grossly defocused frame is mush either way; the cap keeps the filter kernels bounded.
+        self.sigma_rc = (min(sig_r, MAX_BLUR_SIGMA_PX), min(sig_c, MAX_BLUR_SIGMA_PX))
         # compression of specimen lengths along y in the image
         self.y_scale = det.SIN_52 if face.geometry == "cross_section" else 1.0
 
@@ -304,8 +307,9 @@ def _add_noise(
     s = np.maximum(signal, np.float32(0.0))
     z = rng.standard_normal(s.shape, dtype=np.float32)
     if k <= 0:
-        return s + np.float32(DARK_NOISE) * z
-    noisy = np.sqrt(s * np.float32(1.0 / k) + np.float32(DARK_NOISE**2)) * z
+        dark: np.ndarray = s + np.float32(DARK_NOISE) * z
+        return dark
+    noisy: np.ndarray = np.sqrt(s * np.float32(1.0 / k) + np.float32(DARK_NOISE**2)) * z
     noisy += s
     low = np.flatnonzero(s < np.float32(POISSON_BELOW / k))
     if low.size:

@@ -76,6 +76,7 @@ INFILTRATION_PER_THICKNESS = 5.0  # infiltration depth per deposited thickness (
 MAX_INFILTRATION_M = 5e-6
 THROAT_RADIUS_M = 40e-9
 CURRENT_DROP_FACTOR = 0.6
+ASTIGMATISM_WALK_M = 0.5e-6  # astigmatic focal difference random walk per frame
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ class SimulatedDualBeam:
 
     @property
     def face_index(self) -> int:
-        return min(round(self._face.position_m / self.voxel_m), self.specimen.materials.shape[0] - 1)
+        last = int(self.specimen.materials.shape[0]) - 1
+        return min(round(self._face.position_m / self.voxel_m), last)
 
     def _face_view(self) -> FaceView:
         fi = self.face_index
@@ -419,6 +421,7 @@ class SimulatedDualBeam:
             self._face.polish_passes,
             self._rng_curtain,
             self._face.curtain,
+            pt=self.pt[fi],  # filled voids no longer seed curtains: the kintsugi side benefit
         )
 
     async def mill(self, request: MillRequest, *, deadline_s: float | None = None) -> MillResult:
@@ -552,7 +555,7 @@ class SimulatedDualBeam:
                 raise AbortedError("acquire stopped mid-frame", detail={"verb": "acquire"})
             self.last_labels = rendered.labels
             self._last_conditions = cond
-            self._optics.astigmatism += float(self._rng_jump.normal(0.0, 0.01))
+            self._optics.astigmatism += float(self._rng_jump.normal(0.0, ASTIGMATISM_WALK_M))
             meta = AcquisitionMetadata(
                 detectors=[d.name for d in request.detectors],
                 width_px=request.width_px,
