@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"specimen {shape} @ {params.voxel_size_m * 1e9:.0f} nm, preset {args.preset}, seed {args.seed}")
     print(f"{'first build':<28}{t_build:9.2f} s   (peak RSS {rss_build:.0f} MB)")
     print(f"{'cache load (+CRC check)':<28}{t_load:9.2f} s")
-    print(f"{f'infiltrate {depth} slices r={args.throat:g}':<28}{t_inf:9.2f} s   ({filled:.1%} of void filled)")
+    print(
+        f"{f'infiltrate {depth} slices r={args.throat:g}':<28}{t_inf:9.2f} s   ({filled:.1%} of void filled)"
+    )
     print(f"{'peak RSS overall':<28}{_peak_rss_mb():9.0f} MB")
     print(f"{'fraction':<12}{'measured':>10}{'target':>10}{'error':>10}")
     for key, want in (("nmc", tgt.nmc), ("cbd", tgt.cbd), ("porosity", tgt.porosity)):

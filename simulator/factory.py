@@ -10,7 +10,7 @@ from typing import Literal
 
 from simulator.faults import FaultSpec
 from simulator.instrument import SimulatedDualBeam, SimulatorSettings
-from simulator.specimen import PRESETS, SpecimenParams, build_specimen
+from simulator.specimen import PRESETS, SpecimenParams, build_specimen, default_cache_dir
 
 __all__ = ["RunSize", "make_simulator", "specimen_params"]
 
@@ -68,6 +68,6 @@ def make_simulator(
     progress: Callable[[float], None] | None = None,
 ) -> SimulatedDualBeam:
     params = specimen_params(size, preset=preset, seed=seed, geometry=geometry)
-    specimen = build_specimen(params, cache_dir=cache_dir, progress=progress)
+    specimen = build_specimen(params, cache_dir=cache_dir or default_cache_dir(), progress=progress)
     settings = SimulatorSettings(time_scale=time_scale, seed=seed, serial=f"SIM-{seed:04d}")
     return SimulatedDualBeam(specimen, settings, faults)

@@ -56,7 +56,7 @@ def infiltrate(
     if on_face[1 : k + 1].all():
         # label() numbers components in raster order, so the face components are 1..k: two cheap
         # compares instead of a gather through a lookup table.
-        reached = labels <= k
+        reached: npt.NDArray[np.bool_] = labels <= k
         reached &= passable
     else:
         reached = on_face[labels]

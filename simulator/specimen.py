@@ -101,6 +101,10 @@ class SpecimenParams:
     overlap_tolerance: float = 0.08  # allowed particle overlap as a fraction of the smaller radius
 
     def __post_init__(self) -> None:
+        # Lists (from JSON or a CLI) would make the key differ from the equal tuple: normalise.
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "grains_per_particle", tuple(int(n) for n in self.grains_per_particle))
+        object.__setattr__(self, "crack_width_vox", tuple(float(w) for w in self.crack_width_vox))
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; one of {sorted(PRESETS)}")
         if len(self.shape) != 3 or min(self.shape) < 1:
@@ -414,12 +418,11 @@ def _boundary_band(
     span = 0.5 * width / abs(normal[i])
     steps = np.arange(math.ceil(2 * span) + 1, dtype=np.float64)
     t = np.ceil(t0 - span)[:, None] + steps[None, :]
-    jj = np.broadcast_to(jj[:, None], t.shape).ravel()
-    kk = np.broadcast_to(kk[:, None], t.shape).ravel()
-    t = t.ravel()
-    pts = np.empty((len(t), 3), dtype=np.float64)
-    pts[:, i], pts[:, j], pts[:, k] = t, jj, kk
-    keep = (np.abs((pts - mid) @ normal) < 0.5 * width) & (t >= 0) & (t < shape[i])
+    pts = np.empty((t.size, 3), dtype=np.float64)
+    pts[:, i] = t.ravel()
+    pts[:, j] = np.broadcast_to(jj[:, None], t.shape).ravel()
+    pts[:, k] = np.broadcast_to(kk[:, None], t.shape).ravel()
+    keep = (np.abs((pts - mid) @ normal) < 0.5 * width) & (pts[:, i] >= 0) & (pts[:, i] < shape[i])
     keep &= np.sum((pts - centre) ** 2, axis=1) < reach**2
     pts = pts[keep]
     if len(pts) == 0:
@@ -429,7 +432,8 @@ def _boundary_band(
     d2[:, [a, b]] = np.inf
     pts = pts[pair <= d2.min(axis=1)]
     ip = pts.astype(np.int64)
-    return (ip[:, 0] * shape[1] + ip[:, 1]) * shape[2] + ip[:, 2]
+    flat: I64 = (ip[:, 0] * shape[1] + ip[:, 1]) * shape[2] + ip[:, 2]
+    return flat
 
 
 def _crack_hits(cracks: _Cracks, grid: _Grid, shape: tuple[int, int, int]) -> tuple[I64, I64]:
@@ -615,7 +619,11 @@ def build_specimen(
             yield mat
 
     if cache_dir is None:
-        materials = np.concatenate(list(slabs()), axis=0)
+        materials = np.empty(params.shape, dtype=np.uint8)
+        z = 0
+        for mat in slabs():
+            materials[z : z + mat.shape[0]] = mat
+            z += mat.shape[0]
         report(1.0)
         return Specimen(params, materials, _count_dict(counts), centres, radii)
 
@@ -628,7 +636,7 @@ def build_specimen(
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
         np.lib.format.write_array_header_1_0(fh, {**header, "shape": params.shape})
         for mat in slabs():
-            crc = zlib.crc32(mat, crc)
+            crc = zlib.crc32(mat.data, crc)
             fh.write(mat.data)
 
     write_atomic(npy, write)
@@ -686,7 +694,7 @@ def _load_cached(p: SpecimenParams, cache_dir: Path, verify_crc: bool = True) ->
             centres = np.asarray(doc["particle_centres_vox"], dtype=np.float64).reshape(-1, 3)
             radii = np.asarray(doc["particle_radii_vox"], dtype=np.float64)
             return Specimen(p, arr, counts, centres, radii)
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as exc:
         log.warning("specimen cache %s unreadable (%s); rebuilding", npy, exc)
         return None
     log.warning("specimen cache %s failed its checks; rebuilding", npy)

@@ -124,7 +124,7 @@ def test_cracks_open_closed_and_cbd_filled() -> None:
 
 
 def test_collector_cross_section_bottom() -> None:
-    mats = build_specimen(small(seed=1)).materials
+    mats = build_specimen(small(seed=1, collector_roughness_m=40e-9)).materials  # 1 voxel std
     al = mats == Material.AL
     thick = round(0.4e-6 / 40e-9)
     assert al[:, -2:, :].all()
@@ -133,6 +133,7 @@ def test_collector_cross_section_bottom() -> None:
     first = np.argmax(al, axis=1)
     assert np.array_equal(al.sum(axis=1), SMALL[1] - first)
     assert (al.sum(axis=1) > thick - 6).all()
+    assert al.sum(axis=1).std() > 0.2  # rough, not flat
 
 
 def test_collector_planar_far_end() -> None:
