@@ -43,9 +43,14 @@ class DemoOptions:
             raise ValueError(f"--time-scale must be between 0 and 10, got {self.time_scale}")
 
 
-def _bar(done: int, total: int, width: int = 30) -> str:
+def _progress(done: int, total: int, face_m: float, width: int = 30) -> None:
+    """A redrawn bar on a terminal; one line per slice in a log."""
     filled = int(width * done / total)
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
+    line = f"[{'#' * filled}{'-' * (width - filled)}] slice {done}/{total}  face {face_m * 1e9:7.1f} nm"
+    if sys.stderr.isatty():
+        print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 async def run_demo(opts: DemoOptions) -> Path:
@@ -107,16 +112,8 @@ async def run_demo(opts: DemoOptions) -> Path:
                     entry.setdefault("mean_grey", {})[name] = round(float(np.mean(image)), 1)
                 manifest["slices"].append(entry)
                 write_json_atomic(run_dir / "run.json", manifest)  # rewritten whole after every slice
-                n = outcome.index + 1
-                print(
-                    f"\r{_bar(n, opts.slices)} slice {n}/{opts.slices}  face "
-                    f"{outcome.polish.face_position_m * 1e9:7.1f} nm",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _progress(outcome.index + 1, opts.slices, outcome.polish.face_position_m)
             state = await scope.state()
-    print(file=sys.stderr)
     elapsed = time.monotonic() - t0
     manifest["summary"] = {
         "slices": len(manifest["slices"]),

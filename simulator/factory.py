@@ -45,12 +45,16 @@ def specimen_params(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     v = size.voxel_size_m
-    cols = math.ceil(size.width_px * size.pixel_size_m / v)
+
+    def vox(length_m: float) -> int:
+        return math.ceil(length_m / v - 1e-6)  # 1536 px of 40 nm is 1536 voxels, not 1537
+
+    cols = vox(size.width_px * size.pixel_size_m)
     rows_m = size.height_px * size.pixel_size_m
     if geometry == "cross_section":
         rows_m /= math.sin(math.radians(SEM_FIB_ANGLE_DEG))  # the face is seen foreshortened
-    rows = math.ceil(rows_m / v) + MARGIN_VOX
-    slices = math.ceil(size.slices * size.slice_thickness_m * 1.2 / v) + MARGIN_VOX  # 1.2: thickness scatter
+    rows = vox(rows_m) + MARGIN_VOX
+    slices = vox(size.slices * size.slice_thickness_m * 1.2) + MARGIN_VOX  # 1.2: thickness scatter
     return SpecimenParams(
         preset=preset, seed=seed, shape=(slices, rows, cols), voxel_size_m=v, geometry=geometry
     )
