@@ -1,50 +1,41 @@
-"""`kintsugi`: the daemon's command line."""
+"""`kintsugi`: the daemon's command line.
+
+Each feature module registers its own subcommand (`register(subparsers)` setting `handler`), so the
+command line grows without one module knowing every option.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
-from kintsugi_daemon.demo import DemoOptions, run_demo
 from kintsugi_daemon.drivers.base import InstrumentError
 
-__all__ = ["main"]
+__all__ = ["COMMAND_MODULES", "main"]
+
+# Modules exposing `register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None`.
+COMMAND_MODULES = [
+    "kintsugi_daemon.demo",
+]
+
+Handler = Callable[[argparse.Namespace], int]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kintsugi", description="unattended kintsugi serial sectioning")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="a short serial-sectioning run against the simulator")
-    d.add_argument("--slices", type=int, default=DemoOptions.slices)
-    d.add_argument(
-        "--time-scale",
-        type=float,
-        default=DemoOptions.time_scale,
-        help="real seconds per simulated instrument second (0 = instant)",
-    )
-    d.add_argument("--out", type=Path, default=DemoOptions.out)
-    d.add_argument("--width-px", type=int, default=DemoOptions.width_px)
-    d.add_argument("--height-px", type=int, default=DemoOptions.height_px)
-    d.add_argument("--seed", type=int, default=DemoOptions.seed)
-    d.add_argument("--preset", choices=["96:2:2", "94:3:3", "90:5:5"], default=DemoOptions.preset)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handler: Handler = args.handler
     try:
-        opts = DemoOptions(
-            slices=args.slices,
-            time_scale=args.time_scale,
-            out=args.out,
-            width_px=args.width_px,
-            height_px=args.height_px,
-            seed=args.seed,
-            preset=args.preset,
-        )
-        asyncio.run(run_demo(opts))
+        return handler(args)
     except ValueError as exc:
         print(f"kintsugi: error: {exc}", file=sys.stderr)
         return 2
@@ -53,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

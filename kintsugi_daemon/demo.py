@@ -7,6 +7,8 @@ with a manifest, shows progress, and ends with a summary and the folder's path.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import secrets
 import sys
 import time
@@ -22,7 +24,7 @@ from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.scripted import CyclePlan, run_cycle
 from kintsugi_daemon.sim_process import start_simulator
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["DemoOptions", "register", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +149,34 @@ def _print_summary(manifest: dict[str, Any], run_dir: Path) -> None:
     print(f"  files             {sum(len(e['images']) for e in slices)} TIFFs + run.json")
     print(f"  output folder     {run_dir.resolve()}")
     sys.stdout.flush()
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    d = sub.add_parser("demo", help="a short serial-sectioning run against the simulator")
+    d.add_argument("--slices", type=int, default=DemoOptions.slices)
+    d.add_argument(
+        "--time-scale",
+        type=float,
+        default=DemoOptions.time_scale,
+        help="real seconds per simulated instrument second (0 = instant)",
+    )
+    d.add_argument("--out", type=Path, default=DemoOptions.out)
+    d.add_argument("--width-px", type=int, default=DemoOptions.width_px)
+    d.add_argument("--height-px", type=int, default=DemoOptions.height_px)
+    d.add_argument("--seed", type=int, default=DemoOptions.seed)
+    d.add_argument("--preset", choices=["96:2:2", "94:3:3", "90:5:5"], default=DemoOptions.preset)
+    d.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    opts = DemoOptions(
+        slices=args.slices,
+        time_scale=args.time_scale,
+        out=args.out,
+        width_px=args.width_px,
+        height_px=args.height_px,
+        seed=args.seed,
+        preset=args.preset,
+    )
+    asyncio.run(run_demo(opts))
+    return 0
