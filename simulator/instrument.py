@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from kintsugi_daemon import timing_model as timing
 from kintsugi_daemon.drivers.base import Aborted as AbortedError
 from kintsugi_daemon.drivers.base import (
     AcquireRequest,
@@ -47,7 +48,6 @@ from kintsugi_daemon.drivers.base import (
     StagePosition,
     StopResult,
 )
-from simulator import timing
 from simulator.faults import FaultPlan, FaultSpec
 from simulator.imaging import (
     DetectorSetting,

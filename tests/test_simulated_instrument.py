@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kintsugi_daemon import timing_model as timing
 from kintsugi_daemon.drivers.base import (
     AcquireRequest,
     DepositRequest,
@@ -18,7 +19,6 @@ from kintsugi_daemon.drivers.base import (
     PolishRequest,
     Rectangle,
 )
-from simulator import timing
 from simulator.factory import RunSize, make_simulator, specimen_params
 from simulator.instrument import SimulatedDualBeam
 from simulator.materials import CANONICAL_CLASSES, canonical_labels

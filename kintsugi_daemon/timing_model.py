@@ -1,13 +1,14 @@
-"""Instrument time charged for each operation (DOMAIN.md timing model), in simulated seconds.
+"""Instrument time for each operation (DOMAIN.md timing model), in seconds.
 
-The simulator sleeps `simulated * time_scale` real seconds, so one model serves an overnight-length run
-(time scale 1) and a test that must finish in seconds (time scale 0).
+One model, two users: the simulator charges it as instrument time (sleeping `time * time_scale` real
+seconds), and the daemon uses it for ETAs and `kintsugi validate`.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AUTO_FUNCTION_S",
+    "GAS_SWITCH_S",
     "MILL_YIELD_UM3_PER_NC",
     "deposit_time_s",
     "edx_time_s",

@@ -1,0 +1,297 @@
+"""Daemon settings and the run recipe: strict pydantic models loaded from TOML, with env overrides.
+
+Strict means: unknown keys, NaN/inf, type coercion ("5" for 5) and out-of-range values are refused with the
+key named (`ConfigError`), because a typo in an overnight recipe must fail at 6 pm, not at 3 am.
+Environment overrides use `KINTSUGI_<SECTION>__<KEY>=<TOML value>` (e.g. `KINTSUGI_MQTT__PORT=1884`,
+`KINTSUGI_INSTRUMENT__TOKEN='"s3cret"'`; a value that is not valid TOML is taken as a string).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kintsugi_daemon.drivers.base import DetectorName, IonSpecies
+
+__all__ = [
+    "AdaptSettings",
+    "ConfigError",
+    "DaemonSettings",
+    "GuardSettings",
+    "ImagingSettings",
+    "InstrumentSettings",
+    "LoggingSettings",
+    "MillSettings",
+    "MqttSettings",
+    "PolishSettings",
+    "PtSettings",
+    "Recipe",
+    "RegionOfInterest",
+    "RunSettings",
+    "SegmentationSettings",
+    "load_recipe",
+    "load_settings",
+    "parse_recipe",
+]
+
+ENV_PREFIX = "KINTSUGI_"
+
+
+class ConfigError(ValueError):
+    """A configuration or recipe problem; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+PositiveM = Annotated[float, Field(gt=0)]
+
+# --- daemon settings --------------------------------------------------------------------------------
+
+
+class MqttSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    client_id: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+    def resolved_password(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password
+
+
+class InstrumentSettings(Strict):
+    url: str = "http://127.0.0.1:8780"
+    token: str | None = None
+    token_file: Path | None = None
+    deadline_scale: float = Field(default=1.0, gt=0, le=10)
+
+    def resolved_token(self) -> str | None:
+        if self.token_file is not None:
+            return self.token_file.read_text().strip()
+        return self.token
+
+
+class LoggingSettings(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_output: bool = True
+
+
+class DaemonSettings(Strict):
+    instrument_id: str = Field(default="hydra-01", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    data_root: Path = Path("/var/lib/kintsugi/runs")
+    journal_path: Path | None = None  # default: <data_root>/journal.sqlite
+    mqtt: MqttSettings = MqttSettings()
+    instrument: InstrumentSettings = InstrumentSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @property
+    def journal_file(self) -> Path:
+        return self.journal_path or self.data_root / "journal.sqlite"
+
+
+# --- the run recipe ---------------------------------------------------------------------------------
+
+
+class RunSettings(Strict):
+    name: str = Field(min_length=1, max_length=120)
+    geometry: Literal["cross_section", "planar"] = "cross_section"
+    slices: int | None = Field(default=None, ge=1, le=100_000)
+    target_depth_m: float | None = Field(default=None, gt=0, le=1e-3)
+    slice_thickness_m: float = Field(default=40e-9, ge=2e-9, le=2e-6)
+    min_slice_thickness_m: float = Field(default=10e-9, ge=1e-9, le=2e-6)
+    max_slice_thickness_m: float = Field(default=200e-9, ge=1e-9, le=5e-6)
+
+    @model_validator(mode="after")
+    def _depth_or_count(self) -> Self:
+        if (self.slices is None) == (self.target_depth_m is None):
+            raise ValueError("give exactly one of run.slices or run.target_depth_m")
+        if not self.min_slice_thickness_m <= self.slice_thickness_m <= self.max_slice_thickness_m:
+            raise ValueError(
+                "run.slice_thickness_m must lie within [min_slice_thickness_m, max_slice_thickness_m]"
+            )
+        return self
+
+    @property
+    def total_slices(self) -> int:
+        if self.slices is not None:
+            return self.slices
+        assert self.target_depth_m is not None
+        return math.ceil(self.target_depth_m / self.slice_thickness_m - 1e-9)
+
+
+class RegionOfInterest(Strict):
+    center_x_m: float = Field(default=0.0, ge=-1e-3, le=1e-3)
+    center_y_m: float = Field(default=0.0, ge=-1e-3, le=1e-3)
+    width_m: float = Field(gt=0, le=1e-3)
+    height_m: float = Field(gt=0, le=1e-3)
+
+
+class PtSettings(Strict):
+    every_slices: int = Field(default=1, ge=0, le=10_000)  # 0: never re-deposit
+    thickness_m: float = Field(default=100e-9, gt=0, le=10e-6)
+    beam: Literal["electron", "ion"] = "electron"
+    gis_temperature_k: float = Field(default=303.0, ge=293.0, le=333.0)
+
+
+class MillSettings(Strict):
+    species: IonSpecies = "xe"
+    current_a: float = Field(default=15e-9, gt=0, le=2.5e-6)
+    application: Literal["si", "c", "al", "pt"] = "si"
+    pattern: Literal["cleaning_cross_section", "rectangle", "spin_mill"] = "cleaning_cross_section"
+
+
+class PolishSettings(Strict):
+    current_a: float = Field(default=1e-9, gt=0, le=2.5e-6)
+    passes: int = Field(default=1, ge=0, le=10)  # 0: no polish step
+    rocking_deg: float = Field(default=0.0, ge=0.0, le=15.0)
+
+
+class ImagingSettings(Strict):
+    detectors: list[DetectorName] = Field(default=["cbs", "tld"], min_length=1, max_length=4)
+    width_px: int = Field(default=1536, ge=64, le=6144)
+    height_px: int = Field(default=1024, ge=64, le=4096)
+    pixel_size_m: float = Field(default=40e-9, gt=1e-10, le=1e-6)
+    dwell_s: float = Field(default=3e-6, ge=25e-9, le=1e-3)
+    line_integration: int = Field(default=1, ge=1, le=255)
+    voltage_v: float = Field(default=5_000.0, ge=350, le=30_000)
+    current_a: float = Field(default=5e-9, gt=0, le=1e-7)
+    y_correction: bool = True  # follow the receding face with beam shift (cross-section)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        if len(set(self.detectors)) != len(self.detectors):
+            raise ValueError(f"imaging.detectors must be unique, got {self.detectors}")
+        return self
+
+
+class SegmentationSettings(Strict):
+    enabled: bool = True
+    model: str = "builtin"  # or a path to an ONNX file
+    threads: int | None = Field(default=None, ge=1, le=256)
+
+
+class AdaptSettings(Strict):
+    policy: Literal["fixed"] = "fixed"  # the adaptive policy arrives with its issue
+
+
+class GuardSettings(Strict):
+    beam_current_tolerance: float = Field(default=0.15, gt=0, lt=1)  # fraction off the set current
+    min_gis_temperature_k: float = Field(default=300.0, ge=273.0, le=340.0)
+    min_free_disk_bytes: int = Field(default=2_000_000_000, ge=0)
+    settle_s: float = Field(default=10.0, ge=0, le=3600)  # a guard must stay clear this long to resume
+    poll_s: float = Field(default=5.0, gt=0, le=600)
+
+
+class Recipe(Strict):
+    run: RunSettings
+    roi: RegionOfInterest
+    pt: PtSettings = PtSettings()
+    mill: MillSettings = MillSettings()
+    polish: PolishSettings = PolishSettings()
+    imaging: ImagingSettings = ImagingSettings()
+    segmentation: SegmentationSettings = SegmentationSettings()
+    adapt: AdaptSettings = AdaptSettings()
+    guards: GuardSettings = GuardSettings()
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _describe(source: str, exc: ValidationError) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{source}: {key}: {err['msg']}")
+    return ConfigError("\n".join(lines))
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for name, raw in env.items():
+        if not name.startswith(prefix):
+            continue
+        path = name[len(prefix) :].lower().split("__")
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {name}: {part} is not a section")
+        node[path[-1]] = _env_value(raw)
+    return merged
+
+
+def _parse(model: type[M], data: dict[str, Any], source: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _describe(source, exc) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+
+
+def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> DaemonSettings:
+    data = _read_toml(path) if path is not None else {}
+    data = _apply_env(data, os.environ if env is None else env, ENV_PREFIX)
+    # TOML has no path type: accept strings for Path fields by validating in lax mode for those only.
+    return _parse(DaemonSettings, _paths_to_objects(data, DaemonSettings), str(path or "environment"))
+
+
+def parse_recipe(text: str, source: str = "recipe") -> Recipe:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return _parse(Recipe, data, source)
+
+
+def load_recipe(path: Path) -> tuple[Recipe, str]:
+    """The recipe and its exact text (stored verbatim in the run directory)."""
+    data = _read_toml(path)
+    text = path.read_text()
+    return _parse(Recipe, data, str(path)), text
+
+
+def _paths_to_objects(data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        if name not in out:
+            continue
+        ann = field.annotation
+        value = out[name]
+        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            out[name] = _paths_to_objects(value, ann)
+        elif isinstance(value, str) and ann in (Path, Path | None):
+            out[name] = Path(value)
+    return out

@@ -1,0 +1,261 @@
+"""The run controller against a real simulator process: the exact instrument commands a run, a pause,
+an abort and a fault produce (collected, then compared as lists, bluesky-style), and crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kintsugi_daemon.config import DaemonSettings
+from kintsugi_daemon.drivers.http_client import HttpDualBeam
+from kintsugi_daemon.journal import Journal
+from kintsugi_daemon.sim_process import SimulatorProcess
+from kintsugi_daemon.states.controller import CommandRefused, Controller
+from tests.conftest import SimStarter
+
+QUERIES = {"state", "identity"}  # reads; the lists below are the commands that change the instrument
+
+
+def recipe(
+    slices: int = 3, *, pt_every: int = 2, mill_current: float = 15e-9, segmentation: bool = False
+) -> str:
+    return f"""
+[run]
+name = "test"
+slices = {slices}
+slice_thickness_m = 40e-9
+
+[roi]
+width_m = 10e-6
+height_m = 8e-6
+
+[pt]
+every_slices = {pt_every}
+
+[mill]
+current_a = {mill_current!r}
+
+[imaging]
+detectors = ["cbs", "tld"]
+width_px = 192
+height_px = 128
+
+[segmentation]
+enabled = {str(segmentation).lower()}
+
+[guards]
+min_free_disk_bytes = 0
+settle_s = 0.2
+poll_s = 0.1
+"""
+
+
+@dataclass
+class Recorder:
+    """Wraps the real client and records every verb called, in order."""
+
+    inner: HttpDualBeam
+    calls: list[str] = field(default_factory=list)
+    hooks: dict[str, Callable[[int], Awaitable[None]]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __getattr__(self, verb: str) -> Any:
+        method = getattr(self.inner, verb)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(verb)
+            n = self.counts[verb] = self.counts.get(verb, 0) + 1
+            hook = self.hooks.get(verb)
+            if hook is not None:
+                await hook(n)
+            return await method(*args, **kwargs)
+
+        return call
+
+    def commands(self) -> list[str]:
+        return [c for c in self.calls if c not in QUERIES]
+
+
+@dataclass
+class Harness:
+    controller: Controller
+    recorder: Recorder
+    journal: Journal
+    sim: SimulatorProcess
+    settings: DaemonSettings
+
+    async def wait_state(self, *states: str, limit_s: float = 60.0) -> None:
+        async with asyncio.timeout(limit_s):
+            while self.controller.state not in states:
+                if self.controller.state == "faulted":
+                    raise AssertionError(f"faulted: {self.controller.reason}")
+                await asyncio.sleep(0.01)
+
+
+async def make_harness(
+    sim: SimulatorProcess, tmp_path: Path, session: str = "s1"
+) -> tuple[Harness, HttpDualBeam]:
+    settings = DaemonSettings(data_root=tmp_path / "runs")
+    settings.data_root.mkdir(parents=True, exist_ok=True)
+    journal = Journal(settings.journal_file, session)
+    client = HttpDualBeam(sim.url, token=sim.token, deadline_scale=0.05)
+    recorder = Recorder(client)
+    controller = Controller(instrument=recorder, journal=journal, settings=settings)
+    await controller.boot()
+    return Harness(controller, recorder, journal, sim, settings), client
+
+
+@pytest.fixture
+async def harness(sim: SimulatorProcess, tmp_path: Path) -> AsyncIterator[Harness]:
+    h, client = await make_harness(sim, tmp_path)
+    yield h
+    await client.aclose()
+    h.journal.close()
+
+
+SLICE = ["mill", "polish", "set_beam_shift", "acquire"]
+
+
+async def test_run_issues_the_fixed_schedule(harness: Harness) -> None:
+    assert harness.controller.state == "idle"
+    reply = await harness.controller.command("start", {"recipe": recipe(3, pt_every=2)})
+    await harness.wait_state("done")
+    assert harness.recorder.commands() == ["deposit_pt", *SLICE, *SLICE, "deposit_pt", *SLICE]
+    run = harness.journal.run(reply["run_id"])
+    assert run is not None and run.state == "done"
+    assert harness.journal.last_checkpoint(reply["run_id"])[0] == 2  # type: ignore[index]
+    assert harness.journal.open_steps(reply["run_id"]) == []
+    # Every slice's images are on disk; the event stream tells the story in order.
+    run_dir = harness.settings.data_root / reply["run_id"]
+    assert sorted(p.name for p in (run_dir / "slices").glob("*_cbs.tif")) == [
+        f"{i:04d}_cbs.tif" for i in range(3)
+    ]
+    types = [e.type for e in harness.journal.pending_events(1000)]
+    assert types[:3] == ["run_created", "run_started", "preflight"]
+    assert types.count("slice_completed") == 3 and types[-1] == "done"
+    seqs = [e.seq for e in harness.journal.pending_events(1000)]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_deferred_pause_waits_for_the_step_boundary(harness: Harness) -> None:
+    async def pause_on_second_mill(n: int) -> None:
+        if n == 2:
+            await harness.controller.command("pause", {"now": False})
+
+    harness.recorder.hooks["mill"] = pause_on_second_mill
+    await harness.controller.command("start", {"recipe": recipe(3, pt_every=0)})
+    await harness.wait_state("paused")
+    # The mill that was running when the pause came finished; nothing after it started.
+    assert harness.recorder.commands() == [*SLICE, "mill"]
+    with pytest.raises(CommandRefused):
+        await harness.controller.command("pause", {})
+    await harness.controller.command("resume", {})
+    await harness.wait_state("done")
+    assert harness.recorder.commands() == [*SLICE, *SLICE, *SLICE]
+
+
+async def test_abort_stops_and_makes_safe(harness: Harness) -> None:
+    async def abort_on_polish(n: int) -> None:
+        if n == 2:
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(harness.controller.command("abort", {}))
+            )
+
+    harness.recorder.hooks["polish"] = abort_on_polish
+    reply = await harness.controller.command("start", {"recipe": recipe(4, pt_every=0)})
+    await harness.wait_state("done")
+    commands = harness.recorder.commands()
+    assert commands[: len(SLICE) + 2] == [*SLICE, "mill", "polish"]
+    assert commands[-2:] == ["stop", "safe_state"]
+    assert "acquire" not in commands[len(SLICE) :]
+    run = harness.journal.run(reply["run_id"])
+    assert run is not None and run.state == "aborted"
+
+
+async def test_fault_goes_safe_then_clear_and_resume(harness: Harness) -> None:
+    async with httpx.AsyncClient(
+        base_url=harness.sim.url, headers={"Authorization": f"Bearer {harness.sim.token}"}
+    ) as http:
+        (
+            await http.post("/test/faults", json={"kind": "gis_heater_failure", "verb": "any"})
+        ).raise_for_status()
+        await harness.controller.command("start", {"recipe": recipe(2, pt_every=1)})
+        await harness.wait_state("faulted")
+        assert harness.recorder.commands() == ["deposit_pt", "safe_state"]
+        assert "fault" in harness.controller.alerts
+        (await http.delete("/test/faults")).raise_for_status()
+    with pytest.raises(CommandRefused):
+        await harness.controller.command("resume", {})  # a fault needs `clear` first
+    await harness.controller.command("clear", {})
+    assert harness.controller.state == "paused" and not harness.controller.alerts
+    await harness.controller.command("resume", {})
+    await harness.wait_state("done")
+    assert harness.recorder.commands()[2:] == ["deposit_pt", *SLICE, "deposit_pt", *SLICE]
+
+
+async def test_refused_commands_change_nothing(harness: Harness) -> None:
+    for verb, args in [
+        ("resume", {}),
+        ("pause", {}),
+        ("stop", {}),
+        ("clear", {}),
+        ("dance", {}),
+        ("start", {"recipe": "[run]\nname='x'\n"}),
+        ("start", {}),
+    ]:
+        with pytest.raises(CommandRefused):
+            await harness.controller.command(verb, args)
+        assert harness.controller.state == "idle"
+    assert harness.recorder.commands() == []
+    assert harness.journal.active_run() is None
+
+
+async def test_crash_mid_mill_is_reconciled_not_repeated(start_sim: SimStarter, tmp_path: Path) -> None:
+    async with start_sim("--time-scale", "0", "--test-endpoints") as sim:
+        h, client = await make_harness(sim, tmp_path, session="before-crash")
+        crashed = asyncio.Event()
+
+        async def crash_in_second_mill(n: int) -> None:
+            if n == 2:
+                # The mill reaches the instrument, but the daemon "dies" before journaling the completion.
+                await h.recorder.inner.mill(*crash_args)
+                crashed.set()
+                await asyncio.sleep(3600)
+
+        crash_args: list[Any] = []
+        original_mill = h.recorder.inner.mill
+
+        async def capture(*args: Any, **kwargs: Any) -> Any:
+            crash_args[:] = args
+            return await original_mill(*args, **kwargs)
+
+        h.recorder.inner.mill = capture  # type: ignore[method-assign]
+        h.recorder.hooks["mill"] = crash_in_second_mill
+        reply = await h.controller.command("start", {"recipe": recipe(3, pt_every=0)})
+        await asyncio.wait_for(crashed.wait(), 30)
+        assert h.controller._task is not None
+        h.controller._task.cancel()  # the process is gone: nothing more is written
+        h.journal.close()
+        await client.aclose()
+
+        face_before = (await HttpDualBeam(sim.url, token=sim.token).state()).face_position_m
+        h2, client2 = await make_harness(sim, tmp_path, session="after-crash")
+        assert h2.controller.state == "paused" and h2.controller.reason == "recovered"
+        await h2.controller.command("resume", {})
+        await h2.wait_state("done")
+        # No second mill for slice 1: the run picks up at its polish.
+        assert h2.recorder.commands() == ["polish", "set_beam_shift", "acquire", *SLICE]
+        reconciled = [e for e in h2.journal.pending_events(1000) if e.type == "step_reconciled"]
+        assert reconciled and reconciled[0].data["happened"] is True
+        state = await client2.state()
+        assert state.face_position_m > face_before  # only slice 2's mill since the crash
+        run = h2.journal.run(reply["run_id"])
+        assert run is not None and run.state == "done"
+        await client2.aclose()
+        h2.journal.close()
