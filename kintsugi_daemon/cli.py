@@ -18,6 +18,7 @@ __all__ = ["COMMAND_MODULES", "main"]
 # Modules exposing `register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None`.
 COMMAND_MODULES = [
     "kintsugi_daemon.demo",
+    "kintsugi_daemon.segment_cli",
     "kintsugi_daemon.export_cli",
     "kintsugi_daemon.validate_cli",
     "kintsugi_daemon.daemon_cli",

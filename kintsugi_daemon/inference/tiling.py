@@ -1,0 +1,169 @@
+"""Tiled inference: seamless by construction, bounded memory, any image size.
+
+The normalised image is reflect-padded once; tiles of the network's size are cut from it with a halo of
+context on every side, and only each tile's centre is kept. Two rules make the stitched result equal the
+whole-image result (not just close to it):
+- the halo is at least the receptive field (`ModelSpec.halo`), so every kept pixel sees all its context;
+- every tile origin and size is a multiple of the network's stride, so pooling groups the same pixels in
+  every tile as in the whole image (the halo is rounded up to the stride for this).
+The last tile of a row or column is shifted back to end at the image edge rather than padded beyond it,
+so little work is wasted on padding; images smaller than one tile get one smaller tile when the graph
+accepts any size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from kintsugi_daemon.inference.contract import CANONICAL_CLASSES, ModelMismatch, SegmentationModel
+
+__all__ = ["DEFAULT_BATCH", "Segmentation", "normalise", "segment", "segment_async"]
+
+DEFAULT_BATCH = 4  # tiles per run call: amortises call overhead, keeps activations to tens of MB
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    labels: np.ndarray  # uint8 [H, W], canonical class values
+    classes: tuple[str, ...]  # the model's classes, in output-channel order
+    max_probability: np.ndarray  # float32 [H, W], softmax probability of the chosen class
+    entropy: np.ndarray  # float32 [H, W], softmax entropy / log K, in [0, 1]
+    probabilities: np.ndarray | None  # float32 [K, H, W] when asked for (large: K x the image)
+
+
+def normalise(model: SegmentationModel, images: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The model's input channels [C, H, W] float32, picked from `images` by detector name."""
+    by_name = {k.casefold(): v for k, v in images.items()}
+    missing = [c for c in model.spec.channels if c.casefold() not in by_name]
+    if missing:
+        raise ModelMismatch(
+            [f"the model needs detector image(s) {', '.join(missing)}; given: {', '.join(images) or 'none'}"]
+        )
+    planes = [np.asarray(by_name[c.casefold()]) for c in model.spec.channels]
+    shapes = {p.shape for p in planes}
+    if len(shapes) != 1 or planes[0].ndim != 2 or 0 in planes[0].shape:
+        raise ValueError(f"detector images must be 2-D, non-empty and of one shape, got {sorted(shapes)}")
+    x = np.empty((len(planes), *planes[0].shape), np.float32)
+    for c, (plane, norm) in enumerate(zip(planes, model.spec.normalisation, strict=True)):
+        np.multiply(plane, np.float32(1 / 65535), out=x[c], casting="unsafe")
+        x[c] -= np.float32(norm.mean)
+        x[c] /= np.float32(norm.std)
+    return x
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Tile placement along one axis: cores start at `starts` (image coords), each `core` long."""
+
+    tile: int
+    core: int
+    starts: tuple[int, ...]
+    pad_after: int  # reflect padding past the image end, beyond the halo
+
+
+def _plan_axis(size: int, tile: int, halo: int, stride: int, fixed: bool) -> _Axis:
+    if not fixed:
+        # One smaller tile is enough for a small image: no need to run the network on padding.
+        tile = min(tile, _round_up(size, stride) + 2 * halo)
+    core = tile - 2 * halo
+    extent = max(_round_up(size, stride), core)  # what the cores must cover, on the stride grid
+    n = math.ceil(extent / core)
+    last = extent - core  # a multiple of the stride: the shifted last tile stays on the pooling grid
+    starts = tuple(sorted({min(i * core, last) for i in range(n)}))
+    return _Axis(tile=tile, core=core, starts=starts, pad_after=extent - size)
+
+
+def _pad(x: np.ndarray, halo: int, ay: _Axis, ax: _Axis) -> np.ndarray:
+    widths = ((0, 0), (halo, halo + ay.pad_after), (halo, halo + ax.pad_after))
+    # numpy's reflect needs two samples; a 1-px-wide image can only be extended by repetition.
+    if min(x.shape[1:]) > 1:
+        return np.pad(x, widths, mode="reflect")
+    return np.pad(x, widths, mode="edge")
+
+
+def _batches(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return np.asarray(z, np.float32)
+
+
+def segment(
+    model: SegmentationModel,
+    images: Mapping[str, np.ndarray],
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    keep_probabilities: bool = False,
+) -> Segmentation:
+    """Segment one slice from its detector images (uint16 greys, keyed by detector name).
+
+    Synchronous and CPU-bound: the daemon calls `segment_async`, which runs it in a worker thread.
+    """
+    x = normalise(model, images)
+    spec = model.spec
+    _, h, w = x.shape
+    halo = spec.effective_halo
+    ay = _plan_axis(h, model.tile_hw[0], halo, spec.stride, model.fixed_shape)
+    ax = _plan_axis(w, model.tile_hw[1], halo, spec.stride, model.fixed_shape)
+    padded = _pad(x, halo, ay, ax)
+    k = len(spec.classes)
+    hp, wp = h + ay.pad_after, w + ax.pad_after
+    # Per-pixel summaries are stitched instead of the [K, H, W] probabilities: a 6144 x 4096 slice
+    # would otherwise hold half a gigabyte of floats per slice.
+    best = np.empty((hp, wp), np.uint8)
+    max_p = np.empty((hp, wp), np.float32)
+    ent = np.empty((hp, wp), np.float32)
+    probs = np.empty((k, hp, wp), np.float32) if keep_probabilities else None
+    log_k = np.float32(math.log(k)) if k > 1 else np.float32(1)
+    if model.max_batch is not None:
+        batch_size = min(batch_size, model.max_batch)
+    tiles = [(y0, x0) for y0 in ay.starts for x0 in ax.starts]
+    for group in _batches(tiles, max(1, batch_size)):
+        batch = np.stack([padded[:, y0 : y0 + ay.tile, x0 : x0 + ax.tile] for y0, x0 in group])
+        logits = model.run(batch)[:, :, halo : halo + ay.core, halo : halo + ax.core]
+        p = _softmax(np.array(logits, np.float32))
+        # Entropy in units of log K, so 1 means "uniform over the classes" whatever K is.
+        tile_ent = -(p * np.log(np.maximum(p, np.float32(1e-12)))).sum(axis=1) / log_k
+        for i, (y0, x0) in enumerate(group):
+            # Overlapping cores (the shifted last tile) hold identical values: the later write is harmless.
+            ys, xs = slice(y0, y0 + ay.core), slice(x0, x0 + ax.core)
+            best[ys, xs] = p[i].argmax(axis=0)
+            max_p[ys, xs] = p[i].max(axis=0)
+            ent[ys, xs] = tile_ent[i]
+            if probs is not None:
+                probs[:, ys, xs] = p[i]
+    lut = np.array([CANONICAL_CLASSES[c] for c in spec.classes], np.uint8)
+    return Segmentation(
+        labels=lut[best[:h, :w]],
+        classes=tuple(spec.classes),
+        max_probability=np.ascontiguousarray(max_p[:h, :w]),
+        entropy=np.clip(ent[:h, :w], 0, 1),
+        probabilities=None if probs is None else np.ascontiguousarray(probs[:, :h, :w]),
+    )
+
+
+async def segment_async(
+    model: SegmentationModel,
+    images: Mapping[str, np.ndarray],
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    keep_probabilities: bool = False,
+) -> Segmentation:
+    """`segment` off the event loop (onnxruntime releases the GIL while it computes)."""
+    return await asyncio.to_thread(
+        segment, model, images, batch_size=batch_size, keep_probabilities=keep_probabilities
+    )
