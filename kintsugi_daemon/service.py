@@ -215,6 +215,7 @@ class Service:
                 await link_task
                 watchdog.cancel()
         finally:
+            await self.controller.close()
             await self.instrument.aclose()
             self.journal.close()
             log.info("stopped")

@@ -1,25 +1,51 @@
 """Start `kintsugi-sim serve` as its own process and wait for its ready line (demo and tests).
 
 The daemon never imports the simulator: it starts it like any other program and talks to it over the
-instrument API, exactly as it would talk to the AutoScript bridge.
+instrument API, exactly as it would talk to the AutoScript bridge. The child dies with its parent: it
+gets SIGTERM when the parent dies (Linux), and it exits when its stdin (a pipe we hold) reaches EOF.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 __all__ = ["SimulatorProcess", "start_simulator"]
 
 READY_TIMEOUT_S = 300.0  # the first start builds the specimen (cached afterwards)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when the parent dies (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    """Read and drop the child's further stdout, so a chatty child never blocks on a full pipe."""
+    while await stream.read(65536):
+        pass
 
 
 @dataclass
@@ -28,6 +54,7 @@ class SimulatorProcess:
     token: str
     process: asyncio.subprocess.Process
     ready: dict[str, object]
+    _drain: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def stop(self) -> int:
         if self.process.returncode is None:
@@ -37,6 +64,12 @@ class SimulatorProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._drain
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         return self.process.returncode or 0
 
 
@@ -51,19 +84,26 @@ async def start_simulator(
     """`args` are extra `kintsugi-sim serve` flags; the port is chosen free and the token random."""
     token = token or secrets.token_urlsafe(24)
     env = dict(os.environ, KINTSUGI_SIM_TOKEN=token)
-    stderr = open(log_path, "ab") if log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "simulator.cli",
-        "serve",
-        "--port",
-        "0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
-        env=env,
-    )
+    log: IO[bytes] | None = open(log_path, "ab") if log_path else None  # noqa: SIM115
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "simulator.cli",
+            "serve",
+            "--port",
+            "0",
+            "--exit-on-stdin-eof",
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log if log is not None else asyncio.subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent(os.getpid()),
+        )
+    finally:
+        if log is not None:
+            log.close()  # the child has its own copy
     sim: SimulatorProcess | None = None
     try:
         assert proc.stdout is not None
@@ -77,14 +117,20 @@ async def start_simulator(
                 f"kintsugi-sim exited with status {code} before it was ready"
                 + (f"; see {log_path}" if log_path else "")
             )
-        ready = json.loads(line)
-        sim = SimulatorProcess(url=str(ready["url"]), token=token, process=proc, ready=ready)
+        try:
+            ready = json.loads(line)
+            url = str(ready["url"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RuntimeError(f"kintsugi-sim printed no ready line: {line[:200]!r}") from exc
+        drain = asyncio.create_task(_discard(proc.stdout))
+        sim = SimulatorProcess(url=url, token=token, process=proc, ready=ready, _drain=drain)
         yield sim
     finally:
         if sim is not None:
             await sim.stop()
-        elif proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if log_path:
-            stderr.close()  # type: ignore[union-attr]
+        else:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            if proc.stdin is not None:
+                proc.stdin.close()

@@ -278,6 +278,47 @@ class RunStorage:
             )
         return shape
 
+    def segmentation_record_path(self, index: int) -> Path:
+        return self.run_dir / SLICES / f"{index:04d}.segmentation.json"
+
+    def write_segmentation(
+        self, index: int, labels: np.ndarray, preview: np.ndarray | None, metrics: dict[str, Any]
+    ) -> dict[str, str]:
+        """The segmentation of a complete slice: label TIFF, overlay preview, then its record (last).
+
+        Segmentation runs after the slice's images are safely on disk (and may overlap the next mill),
+        so it gets its own record instead of rewriting the slice's."""
+        if not self.slice_complete(index):
+            raise StorageError(f"slice {index} has no complete images to segment")
+        record_path = self.segmentation_record_path(index)
+        if record_path.exists():
+            raise SliceExistsError(errno.EEXIST, f"slice {index} is already segmented", str(record_path))
+        if labels.dtype != np.uint8 or labels.ndim != 2:
+            raise ValueError(f"labels must be 2-D uint8, got {labels.dtype} {labels.shape}")
+        stem = f"{SLICES}/{index:04d}"
+        desc = _json_text({"kind": "labels", "slice_index": index, "run_id": self.run_id}, "", None)
+        plan: list[tuple[str, str, Callable[[IO[bytes]], object]]] = [
+            ("labels", f"{stem}_labels.tif", _tiff_writer(labels, desc, None))
+        ]
+        if preview is not None:
+            plan.append(("overlay", f"{PREVIEWS}/{index:04d}_overlay.png", _png_writer(preview)))
+        files = {name: rel for name, rel, _ in plan}
+        record_text = _json_text(
+            {"index": index, "files": files, "metrics": metrics}, f"metrics of slice {index}"
+        )
+        for _name, rel, writer in plan:
+            self._write(self.run_dir / rel, writer)  # a rerun after a crash overwrites its own partial files
+        self._write(record_path, _text_writer(record_text))
+        return {**files, "record": record_path.relative_to(self.run_dir).as_posix()}
+
+    def segmentation_complete(self, index: int) -> bool:
+        try:
+            record = _read_json(self.segmentation_record_path(index))
+        except (OSError, ValueError):
+            return False
+        files = record.get("files")
+        return isinstance(files, dict) and all((self.run_dir / str(rel)).is_file() for rel in files.values())
+
     def read_slice(self, index: int) -> dict[str, Any]:
         return _read_json(self.slice_record_path(index))
 
@@ -424,6 +465,10 @@ def _usable_planes(run_dir: Path, manifest: dict[str, Any]) -> list[_Plane]:
         try:
             record = _read_json(record_path)
             files = {str(k): run_dir / str(v) for k, v in record["files"].items() if k != "overlay"}
+            seg_path = record_path.with_name(f"{index:04d}.segmentation.json")
+            if seg_path.is_file():  # labels written by the segment step after the slice's images
+                seg = _read_json(seg_path)
+                files |= {str(k): run_dir / str(v) for k, v in seg["files"].items() if k == "labels"}
             for name, path in files.items():
                 with tifffile.TiffFile(path) as tif:
                     page = tif.pages.first

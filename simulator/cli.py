@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from kintsugi_daemon.drivers.base import InvalidRequest
 from kintsugi_daemon.drivers.server import build_app, check_bind, listen_socket, serve
 from simulator.dataset import export_dataset
 from simulator.factory import RunSize, make_simulator
 from simulator.faults import parse_fault_flag
+from simulator.instrument import check_fault_applicable
 from simulator.specimen import PRESETS
 from simulator.test_api import test_router
 
@@ -76,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
         "gis_heater_failure, vacuum_loss, comms_drop, hang, crash",
     )
     s.add_argument("--log-level", default="warning")
+    s.add_argument(
+        "--exit-on-stdin-eof",
+        action="store_true",
+        help="shut down when stdin reaches EOF (the parent that started us holds the pipe)",
+    )
 
     d = sub.add_parser("dataset", help="export one specimen with and without Pt infiltration")
     d.add_argument("--out", type=Path, required=True)
@@ -98,6 +105,17 @@ async def _serve(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_bind(args.host, token)
     faults = [parse_fault_flag(f) for f in args.fault]
+    for spec in faults:
+        try:
+            check_fault_applicable(spec)
+        except InvalidRequest as exc:
+            raise ValueError(f"--fault: {exc.message}") from None
+    # Bind first: a bad or busy port fails now, not after the specimen build. Until we serve,
+    # connections wait in the listen backlog; the ready line is printed only once we do.
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     size = RunSize(
         width_px=args.width_px,
         height_px=args.height_px,
@@ -106,21 +124,24 @@ async def _serve(args: argparse.Namespace) -> int:
         slice_thickness_m=args.slice_thickness_m,
     )
     t0 = time.monotonic()
-    sim = await asyncio.to_thread(
-        make_simulator,
-        size,
-        preset=args.preset,
-        seed=args.seed,
-        geometry=args.geometry,
-        time_scale=args.time_scale,
-        cache_dir=args.cache_dir,
-        faults=faults,
-        progress=_progress_line,
-    )
+    try:
+        sim = await asyncio.to_thread(
+            make_simulator,
+            size,
+            preset=args.preset,
+            seed=args.seed,
+            geometry=args.geometry,
+            time_scale=args.time_scale,
+            cache_dir=args.cache_dir,
+            faults=faults,
+            progress=_progress_line,
+        )
+    except BaseException:
+        sock.close()
+        raise
     print(file=sys.stderr)
     routers = [test_router(sim)] if args.test_endpoints else []
     app = build_app(sim, token=token, title="kintsugi-sim instrument API", extra_routers=routers)
-    sock = listen_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     ready = {
         "event": "ready",
@@ -131,7 +152,10 @@ async def _serve(args: argparse.Namespace) -> int:
         "test_endpoints": args.test_endpoints,
     }
     print(json.dumps(ready), flush=True)
-    await serve(app, sock, log_level=args.log_level)
+    # SIGTERM/SIGINT (or stdin EOF) stop the instrument first, then uvicorn drains the open requests.
+    await serve(
+        app, sock, log_level=args.log_level, on_shutdown=sim.stop, exit_on_stdin_eof=args.exit_on_stdin_eof
+    )
     return 0
 
 

@@ -35,6 +35,8 @@ async def _export_variant(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest marks a complete folder: drop a stale one before the first file is overwritten.
+    (out / "dataset.json").unlink(missing_ok=True)
     sim = make_simulator(
         size, preset=preset, seed=seed, geometry=geometry, time_scale=0.0, cache_dir=cache_dir
     )

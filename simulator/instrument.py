@@ -12,10 +12,10 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from kintsugi_daemon.drivers.base import (
     EdxRequest,
     EdxResult,
     GisState,
+    InstrumentBusy,
     InstrumentFault,
     InstrumentIdentity,
     InstrumentState,
@@ -61,7 +62,9 @@ from simulator.imaging import (
 from simulator.infiltration import infiltrate
 from simulator.specimen import Specimen
 
-__all__ = ["DEPTH_AHEAD_VOX", "SimulatedDualBeam", "SimulatorSettings"]
+__all__ = ["DEPTH_AHEAD_VOX", "SimulatedDualBeam", "SimulatorSettings", "check_fault_applicable"]
+
+T = TypeVar("T")
 
 DEPTH_AHEAD_VOX = 64  # planes behind the face the renderer may see through pores (2.6 um at 40 nm)
 SEM_FIB_ANGLE_DEG = 52.0
@@ -77,6 +80,59 @@ MAX_INFILTRATION_M = 5e-6
 THROAT_RADIUS_M = 40e-9
 CURRENT_DROP_FACTOR = 0.6
 ASTIGMATISM_WALK_M = 0.5e-6  # astigmatic focal difference random walk per frame
+
+
+# Verbs that run as an operation (serialised, stoppable): the only ones a `hang` can act on.
+OPERATION_VERBS = frozenset(
+    {"move_stage", "set_ion_beam", "deposit_pt", "mill", "polish", "acquire", "auto_function", "edx_map"}
+)
+# Faults that act on the one call they fire on, and the verbs where that call can be affected.
+_FAULT_VERBS: dict[str, frozenset[str]] = {
+    "hang": OPERATION_VERBS | {"any"},
+    "stage_move_error": frozenset({"move_stage", "any"}),
+}
+
+
+def check_fault_applicable(spec: FaultSpec) -> None:
+    """Refuse a fault armed for a verb that never uses it (it would fire and do nothing)."""
+    verbs = _FAULT_VERBS.get(spec.kind)
+    if verbs is not None and spec.verb not in verbs:
+        raise InvalidRequest(
+            f"a {spec.kind} fault cannot act on {spec.verb!r}; it applies to: {', '.join(sorted(verbs))}",
+            detail={"field": "verb"},
+        )
+
+
+class _Cancelled(Exception):
+    """`_spend` was cancelled (a server deadline) after `fraction` of the work.
+
+    The verb books the part done exactly as on a stop, then `_operation` re-raises the original
+    CancelledError so the caller's timeout machinery sees a cancellation.
+    """
+
+    def __init__(self, fraction: float, cancel: asyncio.CancelledError) -> None:
+        super().__init__(f"cancelled after {fraction:.3f} of the work")
+        self.fraction = fraction
+        self.cancel = cancel
+
+
+async def _finish(task: asyncio.Future[T]) -> T:
+    """Wait for thread work even if cancelled meanwhile (a thread cannot be interrupted); then re-raise."""
+    cancel: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError as exc:
+            if task.done() and not task.cancelled():
+                result = task.result()
+                break
+            if task.cancelled():
+                raise
+            cancel = cancel or exc
+    if cancel is not None:
+        raise cancel
+    return result
 
 
 @dataclass(frozen=True)
@@ -156,7 +212,6 @@ class SimulatedDualBeam:
         self._stop = asyncio.Event()
         self._instrument_s = 0.0
         self.last_labels: np.ndarray | None = None
-        self.cancelled_fraction = 0.0
         self._last_conditions: ImagingConditions | None = None
 
     # --- bookkeeping ------------------------------------------------------------------------------
@@ -176,10 +231,13 @@ class SimulatedDualBeam:
             pt_source="electron",
         )
 
-    def _fault_gate(self, verb: str) -> list[FaultSpec]:
-        """Apply faults to this call: crash, comms drop, vacuum; return the one-shot faults that fired."""
+    def _fault_gate(self, verb: str, *, tick: bool = True) -> list[FaultSpec]:
+        """Apply faults to this call: crash, comms drop, vacuum; return the one-shot faults that fired.
+
+        `tick=False` (stop) counts no armed fault: only an active comms drop or vacuum loss applies.
+        """
         now = time.monotonic()
-        fired = self.faults.tick(verb, now)
+        fired = self.faults.tick(verb, now) if tick else []
         if any(f.kind == "crash" for f in fired):
             os._exit(70)  # a crash drill: no cleanup, no answer, like a power cut of the bridge
         if self.faults.active("comms_drop", now):
@@ -199,8 +257,13 @@ class SimulatedDualBeam:
 
     @asynccontextmanager
     async def _operation(self, verb: str) -> AsyncIterator[list[FaultSpec]]:
+        """Serialise an operation: busy while it (and any thread work it started) runs.
+
+        A `_Cancelled` escaping the body (after the verb booked the part done) becomes the original
+        CancelledError again.
+        """
         if self._busy is not None:
-            raise InvalidRequest(f"{verb}: instrument busy with {self._busy}", detail={"busy": self._busy})
+            raise InstrumentBusy(f"{verb}: instrument busy with {self._busy}", detail={"busy": self._busy})
         fired = self._fault_gate(verb)
         self._busy = verb
         self._stop.clear()
@@ -209,12 +272,18 @@ class SimulatedDualBeam:
                 await self._stop.wait()  # a hung operation: only stop (or the server's deadline) ends it
                 raise AbortedError(f"{verb} was stopped while hung", detail={"verb": verb})
             yield fired
+        except _Cancelled as cut:
+            raise cut.cancel from None
         finally:
             self._busy = None
             self._patterning = "idle"
 
     async def _spend(self, simulated_s: float) -> float:
-        """Charge instrument time; return the fraction done (1.0 unless stopped, which raises)."""
+        """Charge instrument time; return the fraction done (1.0, or less when stopped).
+
+        Cancelled (a server deadline), it raises `_Cancelled` carrying the fraction done, so the verb
+        books it on the same path as a stop. At time scale 0 the time passes instantly: nothing can stop it.
+        """
         real = simulated_s * self.settings.time_scale
         if real <= 0:
             self._instrument_s += simulated_s
@@ -227,14 +296,24 @@ class SimulatedDualBeam:
             self._instrument_s += simulated_s
             self._drift_walk(simulated_s)
             return 1.0
-        except asyncio.CancelledError:
-            # Cancelled by a deadline: the caller books the part done before the stop that follows.
-            self.cancelled_fraction = min((time.monotonic() - t0) / real, 1.0)
-            self._instrument_s += simulated_s * self.cancelled_fraction
-            raise
+        except asyncio.CancelledError as exc:
+            done = min((time.monotonic() - t0) / real, 1.0)
+            self._instrument_s += simulated_s * done
+            raise _Cancelled(done, exc) from None
         done = min((time.monotonic() - t0) / real, 1.0)
         self._instrument_s += simulated_s * done
         return done
+
+    async def _spend_or_cut(self, simulated_s: float) -> tuple[float, _Cancelled | None]:
+        """`_spend`, with a cancellation returned instead of raised: the verb books, then re-raises it."""
+        try:
+            return await self._spend(simulated_s), None
+        except _Cancelled as cut:
+            return cut.fraction, cut
+
+    async def _in_thread(self, work: Awaitable[T]) -> T:
+        """Thread work that holds the operation (and `busy`) until it really finishes, even if cancelled."""
+        return await _finish(asyncio.ensure_future(work))
 
     def _drift_walk(self, seconds: float) -> None:
         self._drift += self._rng_drift.normal(0.0, DRIFT_NM_PER_SQRT_S * 1e-9 * math.sqrt(seconds), 2)
@@ -321,9 +400,21 @@ class SimulatedDualBeam:
                     f"stage target out of range: {exc}", detail={"field": _first_field(exc)}
                 ) from exc
             dist = math.dist((cur["x_m"], cur["y_m"], cur["z_m"]), (new.x_m, new.y_m, new.z_m))
-            await self._spend(timing.stage_move_time_s(dist, new.tilt_deg - cur["tilt_deg"]))
-            self._stage = new
-            return new
+            done, cut = await self._spend_or_cut(
+                timing.stage_move_time_s(dist, new.tilt_deg - cur["tilt_deg"])
+            )
+            if done >= 1.0 and cut is None:
+                self._stage = new
+                return new
+            # Stopped midway: the stage is where the move had got to.
+            reached = {k: cur[k] + (v - cur[k]) * done for k, v in new.model_dump().items()}
+            self._stage = StagePosition.model_validate(reached)
+            if cut is not None:
+                raise cut
+            raise AbortedError(
+                "move_stage stopped midway",
+                detail={"verb": "move_stage", "stage": self._stage.model_dump()},
+            )
 
     async def set_ion_beam(
         self, settings: IonBeamSettings, *, deadline_s: float | None = None
@@ -332,7 +423,8 @@ class SimulatedDualBeam:
             self._require_vacuum("set_ion_beam")
             col = self._column
             t = timing.ion_switch_time_s(settings.species != col.species, settings.current_a != col.current_a)
-            await self._spend(t)
+            if await self._spend(t) < 1.0:  # the column keeps its old settings
+                raise AbortedError("set_ion_beam stopped", detail={"verb": "set_ion_beam"})
             col.species, col.current_a, col.voltage_v = (
                 settings.species,
                 settings.current_a,
@@ -365,8 +457,12 @@ class SimulatedDualBeam:
             reached = AMBIENT_K if heater_failed else request.gis_temperature_k
             self._gis = GisState(inserted=True, heater_on=True, temperature_k=reached, valve_open=False)
             if reached < GIS_MIN_OPERATING_K:
-                await self._spend(timing.GIS_INSERT_S + 15.0)
-                self._gis = GisState(inserted=False, heater_on=False, temperature_k=reached, valve_open=False)
+                try:
+                    await self._spend(timing.GIS_INSERT_S + 15.0)
+                finally:
+                    self._gis = GisState(
+                        inserted=False, heater_on=False, temperature_k=reached, valve_open=False
+                    )
                 raise InstrumentFault(
                     f"GIS heater failure: precursor at {reached:.0f} K, needs >= {GIS_MIN_OPERATING_K:.0f} K",
                     detail={"verb": "deposit_pt", "gis_temperature_k": reached},
@@ -376,21 +472,31 @@ class SimulatedDualBeam:
             self._patterning = "running"
             self._gis = GisState(inserted=True, heater_on=True, temperature_k=reached, valve_open=True)
             try:
-                done = await self._spend(duration)
+                done, cut = await self._spend_or_cut(duration)
             finally:
-                self._gis = GisState(inserted=False, heater_on=True, temperature_k=reached, valve_open=False)
+                # Retract and close; the heater stays as it is now (a safe_state meanwhile switched it off).
+                self._gis = GisState(
+                    inserted=False,
+                    heater_on=self._gis.heater_on,
+                    temperature_k=self._gis.temperature_k,
+                    valve_open=False,
+                )
             thickness = request.thickness_m * done
+            self._face.cap_m += thickness  # booked first: the infiltration below takes a while
             # Warmer precursor flows further into the pores (choice: linear in the temperature above 300 K).
             temp_factor = min(1.0 + (reached - 303.0) / 30.0, 1.5)
             depth_m = min(thickness * INFILTRATION_PER_THICKNESS * temp_factor, MAX_INFILTRATION_M)
             depth_vox = math.ceil(depth_m / self.voxel_m)
             fi = self.face_index
             if depth_vox > 0 and fi < self.pt.shape[0]:
-                mask = await asyncio.to_thread(
-                    infiltrate, self.specimen.materials, fi, depth_vox, THROAT_RADIUS_M / self.voxel_m
+                mask = await self._in_thread(
+                    asyncio.to_thread(
+                        infiltrate, self.specimen.materials, fi, depth_vox, THROAT_RADIUS_M / self.voxel_m
+                    )
                 )
                 self.pt[fi : fi + mask.shape[0]] |= mask
-            self._face.cap_m += thickness
+            if cut is not None:
+                raise cut
             if done < 1.0:
                 raise AbortedError(
                     "deposit_pt stopped", detail={"verb": "deposit_pt", "thickness_m": thickness}
@@ -443,16 +549,15 @@ class SimulatedDualBeam:
             duration = timing.mill_time_s(volume, current, request.species, request.application)
             self._column.current_a = request.current_a
             self._patterning = "running"
-            try:
-                done = await self._spend(duration)
-            except asyncio.CancelledError:
-                self._face.position_m += removed * self.cancelled_fraction
-                raise
+            done, cut = await self._spend_or_cut(duration)
+            # The same bookkeeping for a finished, stopped or cancelled mill: the face stays consistent.
             self._face.position_m += removed * done
             self._face.polish_passes = 0
             self._face.cap_m = max(self._face.cap_m - CAP_EROSION_PER_MILL_M, 0.0)
             self._drift += self._rng_jump.normal(0.0, POST_MILL_JUMP_M, 2)
             self._refresh_curtain(request.current_a)
+            if cut is not None:
+                raise cut
             if done < 1.0:
                 raise AbortedError(
                     "mill stopped; the face advanced by the part already milled",
@@ -476,10 +581,12 @@ class SimulatedDualBeam:
                 volume, request.current_a * self._current_factor(), request.species, "si"
             )
             self._patterning = "running"
-            done = await self._spend(duration + 2.0 * request.passes)
+            done, cut = await self._spend_or_cut(duration + 2.0 * request.passes)
             self._face.position_m += removed * done
             self._face.polish_passes += request.passes if done >= 1.0 else 0
             self._refresh_curtain(request.current_a)
+            if cut is not None:
+                raise cut
             if done < 1.0:
                 raise AbortedError(
                     "polish stopped", detail={"verb": "polish", "face_position_m": self._face.position_m}
@@ -489,12 +596,20 @@ class SimulatedDualBeam:
             )
 
     async def stop(self, *, deadline_s: float | None = None) -> StopResult:
+        """Stop the running operation: it books the part done and raises Aborted.
+
+        An active comms drop makes this fail (CommsLost) like any call; a hang never applies to it.
+        At time scale 0 operations finish instantly, so there is never anything running to interrupt.
+        """
+        self._fault_gate("stop", tick=False)
         running = self._busy
         self._stop.set()
         self._patterning = "idle"
         return StopResult(stopped=running)
 
     async def safe_state(self, *, deadline_s: float | None = None) -> SafeStateResult:
+        """Stop patterning, blank both beams, retract the GIS and switch its heater off. Never hangs."""
+        self._fault_gate("safe_state")
         self._stop.set()
         self._patterning = "idle"
         self._optics.beam_on = False
@@ -544,13 +659,13 @@ class SimulatedDualBeam:
             frame_s = timing.frame_time_s(
                 request.width_px, request.height_px, request.dwell_s, request.line_integration
             )
-            rendering = asyncio.create_task(
+            rendering = asyncio.ensure_future(
                 asyncio.to_thread(render, self._face_view(), cond, self._rng_image)
             )
             try:
                 done = await self._spend(frame_s)
             finally:
-                rendered = await rendering
+                rendered = await _finish(rendering)
             if done < 1.0:
                 raise AbortedError("acquire stopped mid-frame", detail={"verb": "acquire"})
             self.last_labels = rendered.labels
@@ -581,7 +696,10 @@ class SimulatedDualBeam:
     ) -> AutoFunctionResult:
         async with self._operation("auto_function"):
             self._require_vacuum("auto_function")
-            await self._spend(timing.AUTO_FUNCTION_S[request.function])
+            if await self._spend(timing.AUTO_FUNCTION_S[request.function]) < 1.0:
+                raise AbortedError(  # the optics keep their old settings
+                    f"auto_function {request.function} stopped", detail={"verb": "auto_function"}
+                )
             result = AutoFunctionResult(
                 function=request.function,
                 duration_s=timing.AUTO_FUNCTION_S[request.function],
@@ -608,7 +726,9 @@ class SimulatedDualBeam:
                     "curtain": self._face.curtain,
                 }
             )
-            b, c = await asyncio.to_thread(auto_contrast_brightness, self._face_view(), cond, detector)
+            b, c = await self._in_thread(
+                asyncio.to_thread(auto_contrast_brightness, self._face_view(), cond, detector)
+            )
             self._optics.brightness[detector], self._optics.contrast[detector] = b, c
             return result.model_copy(update={"brightness": b, "contrast": c})
 
@@ -619,18 +739,20 @@ class SimulatedDualBeam:
             done = await self._spend(duration)
             if done < 1.0:
                 raise AbortedError("edx_map stopped", detail={"verb": "edx_map"})
-            maps = await asyncio.to_thread(
-                render_edx,
-                self._face_view(),
-                request.elements,
-                request.step_m,
-                request.width_m,
-                request.height_m,
-                self._origin_m(request.width_m),
-                request.voltage_v,
-                request.current_a * self._current_factor(),
-                request.dwell_s,
-                self._rng_image,
+            maps = await self._in_thread(
+                asyncio.to_thread(
+                    render_edx,
+                    self._face_view(),
+                    request.elements,
+                    request.step_m,
+                    request.width_m,
+                    request.height_m,
+                    self._origin_m(request.width_m),
+                    request.voltage_v,
+                    request.current_a * self._current_factor(),
+                    request.dwell_s,
+                    self._rng_image,
+                )
             )
             return EdxResult(maps, request.step_m, duration)
 

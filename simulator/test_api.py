@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kintsugi_daemon.drivers.tiff_wire import TIFF_MEDIA_TYPE, encode_channels
 from simulator.faults import FaultSpec
-from simulator.instrument import SimulatedDualBeam
+from simulator.instrument import SimulatedDualBeam, check_fault_applicable
 from simulator.materials import CANONICAL_CLASSES
 
 __all__ = ["TEST_PREFIX", "test_router"]
@@ -40,6 +40,7 @@ def test_router(sim: SimulatedDualBeam) -> APIRouter:
 
     @router.post("/faults")
     async def inject(spec: FaultSpec) -> dict[str, Any]:
+        check_fault_applicable(spec)  # InvalidRequest (422) for a fault its verb can never show
         sim.faults.arm(spec)
         return sim.face_report()["faults"]  # type: ignore[return-value]
 

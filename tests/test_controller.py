@@ -23,7 +23,13 @@ QUERIES = {"state", "identity"}  # reads; the lists below are the commands that 
 
 
 def recipe(
-    slices: int = 3, *, pt_every: int = 2, mill_current: float = 15e-9, segmentation: bool = False
+    slices: int = 3,
+    *,
+    pt_every: int = 2,
+    mill_current: float = 15e-9,
+    segmentation: bool = False,
+    model: str = "builtin",
+    detectors: str = '["cbs", "tld"]',
 ) -> str:
     return f"""
 [run]
@@ -42,12 +48,13 @@ every_slices = {pt_every}
 current_a = {mill_current!r}
 
 [imaging]
-detectors = ["cbs", "tld"]
+detectors = {detectors}
 width_px = 192
 height_px = 128
 
 [segmentation]
 enabled = {str(segmentation).lower()}
+model = "{model}"
 
 [guards]
 min_free_disk_bytes = 0
@@ -115,6 +122,7 @@ async def make_harness(
 async def harness(sim: SimulatorProcess, tmp_path: Path) -> AsyncIterator[Harness]:
     h, client = await make_harness(sim, tmp_path)
     yield h
+    await h.controller.close()
     await client.aclose()
     h.journal.close()
 
@@ -259,3 +267,54 @@ async def test_crash_mid_mill_is_reconciled_not_repeated(start_sim: SimStarter, 
         assert run is not None and run.state == "done"
         await client2.aclose()
         h2.journal.close()
+
+
+# CBS grey levels (/65535) of each phase at auto C/B: enough for a real ONNX model that thresholds them.
+CENTRES = {"pore": 0.95, "unfilled_pore": 0.05, "active": 0.53, "cbd": 0.23, "collector": 0.40}
+
+
+async def test_segmentation_runs_beside_the_instrument(harness: Harness, tmp_path: Path) -> None:
+    from tests.test_inference import build_threshold_model
+
+    model = build_threshold_model(tmp_path / "threshold.onnx", CENTRES)
+    reply = await harness.controller.command(
+        "start", {"recipe": recipe(3, pt_every=1, segmentation=True, model=str(model))}
+    )
+    await harness.wait_state("done")
+    # Segmentation adds no instrument command: it runs in a worker thread beside the next slice.
+    assert harness.recorder.commands() == ["deposit_pt", *SLICE] * 3
+    run_dir = harness.settings.data_root / reply["run_id"]
+    for i in range(3):
+        assert (run_dir / "slices" / f"{i:04d}_labels.tif").is_file()
+        assert (run_dir / "previews" / f"{i:04d}_overlay.png").is_file()
+        assert (run_dir / "slices" / f"{i:04d}.segmentation.json").is_file()
+    segmented = [e for e in harness.journal.pending_events(1000) if e.type == "segmented"]
+    assert [e.data["slice"] for e in segmented] == [0, 1, 2]
+    assert 0.0 < segmented[-1].data["porosity"] < 1.0
+    assert harness.controller.last_metrics["slice"] == 2
+    assert all(r.ok for r in harness.journal.steps(reply["run_id"]) if r.step == "segment")
+
+
+@pytest.mark.parametrize(
+    ("model", "detectors", "message"),
+    [
+        ("/nonexistent/model.onnx", '["cbs", "tld"]', "does not exist"),
+        ("THRESHOLD", '["cbs"]', "tld"),
+    ],
+)
+async def test_model_problems_refuse_the_run_before_milling(
+    harness: Harness, tmp_path: Path, model: str, detectors: str, message: str
+) -> None:
+    from tests.test_inference import build_threshold_model
+
+    if model == "THRESHOLD":
+        model = str(build_threshold_model(tmp_path / "threshold.onnx", CENTRES))
+    reply = await harness.controller.command(
+        "start", {"recipe": recipe(2, segmentation=True, model=model, detectors=detectors)}
+    )
+    await harness.wait_state("idle")
+    assert harness.recorder.commands() == []  # nothing milled, nothing deposited
+    assert message in harness.controller.alerts["preflight"]["message"]
+    run = harness.journal.run(reply["run_id"])
+    assert run is not None and run.state == "aborted"
+    assert harness.journal.active_run() is None

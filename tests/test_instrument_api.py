@@ -240,12 +240,13 @@ async def test_openapi_lists_every_verb(sim: SimulatorProcess) -> None:
     assert "image/tiff" in spec["paths"]["/v1/acquire"]["post"]["responses"]["200"]["content"]
 
 
-async def test_client_with_wrong_token_reports_comms(sim: SimulatorProcess) -> None:
-    from kintsugi_daemon.drivers.base import CommsLost
+async def test_client_with_wrong_token_reports_unauthorized(sim: SimulatorProcess) -> None:
+    from kintsugi_daemon.drivers.base import CommsLost, Unauthorized
 
     async with HttpDualBeam(sim.url, token="wrong") as bad:
-        with pytest.raises(CommsLost, match="token"):
+        with pytest.raises(Unauthorized, match="token") as err:
             await bad.state()
+    assert not isinstance(err.value, CommsLost)  # a configuration error, not a link to retry
 
 
 async def test_many_concurrent_state_reads(scope: HttpDualBeam) -> None:

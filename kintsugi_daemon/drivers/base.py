@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
     "DEFAULT_DEADLINES_S",
@@ -34,6 +35,7 @@ __all__ = [
     "EdxResult",
     "ErrorBody",
     "GisState",
+    "InstrumentBusy",
     "InstrumentError",
     "InstrumentFault",
     "InstrumentIdentity",
@@ -51,6 +53,7 @@ __all__ = [
     "StagePosition",
     "StopResult",
     "StrictModel",
+    "Unauthorized",
     "error_from_body",
 ]
 
@@ -63,9 +66,21 @@ BeamKind = Literal["electron", "ion"]
 Metres = Annotated[float, Field(gt=0, le=1e-2)]
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
+MAX_FRAME_TIME_S = 3600.0  # one image; longer is a typo (dwell in s instead of us), not a plan
+MAX_EDX_POINTS = 4096 * 4096  # EDX grid points: beyond this the maps alone would not fit in memory
+MAX_EDX_TIME_S = 24 * 3600.0
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def _field_error(model: type[BaseModel], field: str, value: object, message: str) -> ValidationError:
+    """A validation error that names `field`, raised from a model validator checking several fields."""
+    return ValidationError.from_exception_data(
+        model.__name__,
+        [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=(field,), input=value)],
+    )
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -112,8 +127,29 @@ class DeadlineExceeded(InstrumentError):
     kind = "deadline_exceeded"
 
 
+class InstrumentBusy(InstrumentError):
+    """Another operation is in progress (`detail['busy']` names it); nothing was done. Safe to retry later."""
+
+    kind = "busy"
+
+
+class Unauthorized(InstrumentError):
+    """The instrument API refused our bearer token: a configuration error, not a comms failure."""
+
+    kind = "unauthorized"
+
+
 _ERRORS: dict[str, type[InstrumentError]] = {
-    cls.kind: cls for cls in (InstrumentFault, CommsLost, InvalidRequest, Aborted, DeadlineExceeded)
+    cls.kind: cls
+    for cls in (
+        InstrumentFault,
+        CommsLost,
+        InvalidRequest,
+        Aborted,
+        DeadlineExceeded,
+        InstrumentBusy,
+        Unauthorized,
+    )
 }
 
 
@@ -296,6 +332,15 @@ class AcquireRequest(StrictModel):
         names = [d.name for d in self.detectors]
         if len(set(names)) != len(names):
             raise ValueError(f"detectors must be unique, got {names}")
+        frame_s = self.frame_time_s()
+        if frame_s > MAX_FRAME_TIME_S:
+            raise _field_error(
+                AcquireRequest,
+                "dwell_s",
+                self.dwell_s,
+                f"one frame would take {frame_s:.0f} s (> {MAX_FRAME_TIME_S:.0f} s): "
+                "check dwell_s, the frame size and line_integration",
+            )
         return self
 
     def frame_time_s(self) -> float:
@@ -352,6 +397,35 @@ class EdxRequest(StrictModel):
     dwell_s: float = Field(gt=0, le=1e-2)
     width_m: float = Field(gt=0, le=5e-4)
     height_m: float = Field(gt=0, le=5e-4)
+
+    def grid_points(self) -> int:
+        return max(round(self.width_m / self.step_m), 1) * max(round(self.height_m / self.step_m), 1)
+
+    def map_time_s(self) -> float:
+        """Instrument time of the map (the DOMAIN.md timing model: points x dwell + 2 s overhead)."""
+        return (self.width_m / self.step_m) * (self.height_m / self.step_m) * self.dwell_s + 2.0
+
+    @model_validator(mode="after")
+    def _bounded(self) -> EdxRequest:
+        points = self.grid_points()
+        if points > MAX_EDX_POINTS:
+            raise _field_error(
+                EdxRequest,
+                "step_m",
+                self.step_m,
+                f"a {self.width_m:g} x {self.height_m:g} m map at step {self.step_m:g} m has {points} "
+                f"points (> {MAX_EDX_POINTS}): use a coarser step or a smaller area",
+            )
+        duration = self.map_time_s()
+        if duration > MAX_EDX_TIME_S:
+            raise _field_error(
+                EdxRequest,
+                "dwell_s",
+                self.dwell_s,
+                f"the map would take {duration:.0f} s (> {MAX_EDX_TIME_S:.0f} s): "
+                "use a shorter dwell_s, a coarser step or a smaller area",
+            )
+        return self
 
 
 class EdxResult:

@@ -2,14 +2,18 @@
 
 Every call has a deadline: it travels to the server (which stops the instrument when it passes) and bounds
 the HTTP wait here too, with a grace for the server's own answer. If the server never answers, the client
-asks it to stop and raises DeadlineExceeded. Transport failures become CommsLost. Destructive verbs are
+asks it to stop and raises DeadlineExceeded. Transport failures (and answers that are not the instrument
+API's) become CommsLost; a refused token is Unauthorized (configuration, not comms). Destructive verbs are
 never retried here: whether a mill happened is for the journal to reconcile, not for a retry loop to guess.
+A destructive verb whose caller is cancelled asks the instrument to stop before the cancellation goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import math
 from typing import Any, TypeVar
 
 import httpx
@@ -33,6 +37,7 @@ from kintsugi_daemon.drivers.base import (
     InstrumentError,
     InstrumentIdentity,
     InstrumentState,
+    InvalidRequest,
     IonBeamSettings,
     IonBeamState,
     MillRequest,
@@ -42,9 +47,10 @@ from kintsugi_daemon.drivers.base import (
     StageMove,
     StagePosition,
     StopResult,
+    Unauthorized,
     error_from_body,
 )
-from kintsugi_daemon.drivers.server import API_PREFIX
+from kintsugi_daemon.drivers.server import API_PREFIX, MAX_DEADLINE_S
 from kintsugi_daemon.drivers.tiff_wire import decode_channels
 
 __all__ = ["HttpDualBeam"]
@@ -53,6 +59,8 @@ M = TypeVar("M", bound=BaseModel)
 
 GRACE_S = 5.0  # time the server gets beyond the deadline to report its own DeadlineExceeded
 STOP_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+DESTRUCTIVE_VERBS = frozenset({"deposit_pt", "mill", "polish"})
 
 
 class HttpDualBeam:
@@ -66,8 +74,8 @@ class HttpDualBeam:
         deadline_scale: float = 1.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if deadline_scale <= 0:
-            raise ValueError("deadline_scale must be > 0")
+        if not (deadline_scale > 0 and math.isfinite(deadline_scale)):
+            raise ValueError("deadline_scale must be a finite number > 0")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, transport=transport)
         self._deadline_scale = deadline_scale
@@ -84,10 +92,14 @@ class HttpDualBeam:
 
     def _deadline(self, verb: str, deadline_s: float | None) -> float:
         if deadline_s is not None:
-            if deadline_s <= 0:
-                raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
-            return deadline_s
-        return max(DEFAULT_DEADLINES_S[verb] * self._deadline_scale, 5.0)
+            if not (isinstance(deadline_s, int | float) and 0 < deadline_s <= MAX_DEADLINE_S):
+                raise InvalidRequest(
+                    f"{verb}: deadline_s must be a finite number in (0, {MAX_DEADLINE_S:g}], "
+                    f"got {deadline_s!r}",
+                    detail={"field": "deadline_s", "verb": verb},
+                )
+            return float(deadline_s)
+        return min(max(DEFAULT_DEADLINES_S[verb] * self._deadline_scale, 5.0), MAX_DEADLINE_S)
 
     async def _request(
         self, verb: str, method: str, path: str, body: BaseModel | None, deadline_s: float | None
@@ -97,20 +109,31 @@ class HttpDualBeam:
         headers = {"X-Deadline-S": repr(limit)}
         if content is not None:
             headers["Content-Type"] = "application/json"
+        timeout = httpx.Timeout(limit + GRACE_S, connect=CONNECT_TIMEOUT_S)
         try:
             resp = await self._http.request(
-                method, API_PREFIX + path, content=content, headers=headers, timeout=limit + GRACE_S
+                method, API_PREFIX + path, content=content, headers=headers, timeout=timeout
             )
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Never reached the server: nothing is running there that would need a stop.
+            raise CommsLost(
+                f"{verb}: instrument API at {self.base_url} unreachable: {exc!r}", detail={"verb": verb}
+            ) from exc
         except httpx.TimeoutException:
             await self._stop_quietly()
             raise DeadlineExceeded(
                 f"{verb}: no answer from {self.base_url} within {limit + GRACE_S:g} s",
                 detail={"verb": verb, "deadline_s": limit},
             ) from None
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise CommsLost(
                 f"{verb}: instrument API at {self.base_url} unreachable: {exc!r}", detail={"verb": verb}
             ) from exc
+        except asyncio.CancelledError:
+            if verb in DESTRUCTIVE_VERBS:
+                # Our caller gave up on a step that may be patterning: do not leave it running unattended.
+                await asyncio.shield(self._stop_quietly())
+            raise
         if resp.status_code >= 400:
             raise self._error(verb, resp)
         return resp
@@ -120,16 +143,21 @@ class HttpDualBeam:
         try:
             body = ErrorBody.model_validate(resp.json())
         except (ValueError, ValidationError):
-            return InstrumentError(
-                f"{verb}: HTTP {resp.status_code}: {resp.text[:200]}", detail={"status": resp.status_code}
+            # Not the instrument API answering (a proxy, a wrong port): the instrument is not reachable.
+            return CommsLost(
+                f"{verb}: malformed error answer, HTTP {resp.status_code}: {resp.text[:200]}",
+                detail={"status": resp.status_code, "verb": verb},
             )
         if body.kind == "unauthorized":
-            return CommsLost(f"{verb}: the instrument API refused our token", detail={"status": 401})
+            return Unauthorized(
+                f"{verb}: the instrument API refused our token (check the configured token)",
+                detail={"status": resp.status_code, "verb": verb},
+            )
         return error_from_body(body)
 
     async def _stop_quietly(self) -> None:
         # The server may be gone or hung; the caller gets DeadlineExceeded either way.
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(httpx.HTTPError, OSError):
             await self._http.post(API_PREFIX + "/stop", timeout=STOP_TIMEOUT_S)
 
     async def _json(
@@ -153,7 +181,7 @@ class HttpDualBeam:
         resp = await self._request(verb, "POST", path, body, deadline_s)
         try:
             return decode_channels(resp.content)
-        except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             raise CommsLost(f"{verb}: malformed TIFF from the instrument API: {exc!r}") from exc
 
     # --- DualBeam -----------------------------------------------------------------------------------
@@ -201,7 +229,11 @@ class HttpDualBeam:
 
     async def edx_map(self, request: EdxRequest, *, deadline_s: float | None = None) -> EdxResult:
         channels, meta = await self._tiff("edx_map", "/edx", request, deadline_s)
-        return EdxResult(channels, float(meta["step_m"]), float(meta["duration_s"]))
+        try:
+            step_m, duration_s = float(meta["step_m"]), float(meta["duration_s"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CommsLost(f"edx_map: malformed map metadata: {exc!r}") from exc
+        return EdxResult(channels, step_m, duration_s)
 
     async def stop(self, *, deadline_s: float | None = None) -> StopResult:
         return await self._json("stop", "POST", "/stop", None, StopResult, deadline_s)

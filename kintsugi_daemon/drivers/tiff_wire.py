@@ -34,6 +34,7 @@ def encode_channels(channels: dict[str, np.ndarray], metadata: dict[str, Any]) -
 
 
 def decode_channels(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of `encode_channels`; anything malformed raises ValueError (or a subclass)."""
     channels: dict[str, np.ndarray] = {}
     metadata: dict[str, Any] = {}
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -41,7 +42,13 @@ def decode_channels(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             if not isinstance(page, tifffile.TiffPage):
                 raise ValueError("unexpected TIFF frame without its own description")
             desc = json.loads(page.description)
+            if not isinstance(desc, dict) or "channel" not in desc:
+                raise ValueError("TIFF page description is not a channel description")
             channels[str(desc["channel"])] = page.asarray()
             if "metadata" in desc:
+                if not isinstance(desc["metadata"], dict):
+                    raise ValueError("TIFF metadata is not a JSON object")
                 metadata = desc["metadata"]
+    if not channels:
+        raise ValueError("TIFF without channels")
     return channels, metadata

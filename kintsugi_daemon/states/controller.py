@@ -31,6 +31,16 @@ from kintsugi_daemon.drivers.base import (
     InstrumentFault,
 )
 from kintsugi_daemon.estimate import estimate_run
+from kintsugi_daemon.inference.contract import (
+    SHIPPED_MODEL,
+    ModelError,
+    SegmentationModel,
+    check_against_recipe,
+)
+from kintsugi_daemon.inference.contract import load_model as load_segmentation_model
+from kintsugi_daemon.inference.metrics import slice_metrics
+from kintsugi_daemon.inference.overlay import overlay
+from kintsugi_daemon.inference.tiling import segment as run_segmentation
 from kintsugi_daemon.journal import EventDraft, Journal
 from kintsugi_daemon.states import steps as cycle
 from kintsugi_daemon.states.guards import Guards
@@ -42,6 +52,8 @@ __all__ = ["ActiveRun", "CommandRefused", "Controller"]
 log = structlog.get_logger("kintsugi.controller")
 
 SAFE_STATE_DEADLINE_S = 60.0
+# Classes the adaptive logic reads (unfilled-pore fraction, CBD coverage): a model without them is refused.
+REQUIRED_CLASSES = ("pore", "unfilled_pore", "active", "cbd")
 RECONCILE_WAIT_S = 600.0
 
 
@@ -51,6 +63,10 @@ class CommandRefused(Exception):
 
 class _Interrupted(Exception):
     """The current step was cut short on purpose (immediate pause, abort, halt)."""
+
+
+class _Refused(Exception):
+    """Preflight refused the run before the instrument was touched."""
 
 
 @dataclass
@@ -96,6 +112,8 @@ class Controller:
         self._wake = asyncio.Event()
         self._guards: Guards | None = None
         self._guard_task: asyncio.Task[None] | None = None
+        self._model: SegmentationModel | None = None
+        self._segmenting: dict[int, asyncio.Task[None]] = {}
 
     # --- machine plumbing -------------------------------------------------------------------------
 
@@ -351,6 +369,15 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._task), 60.0)
 
+    async def close(self) -> None:
+        """Cancel every task this controller runs (after shutdown, or when a test ends)."""
+        tasks = [t for t in (self._task, self._guard_task, *self._segmenting.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
     async def _stop_instrument(self, why: str) -> None:
         self._interrupt = why
         with contextlib.suppress(InstrumentError):
@@ -428,7 +455,17 @@ class Controller:
         run = self.run
         assert run is not None
         if self.state == "preflight":
-            await self._preflight()
+            try:
+                await self._preflight()
+            except _Refused:
+                return
+        elif self._guards is None:
+            self._guards = Guards(
+                run.recipe.guards,
+                ion_current_a=run.recipe.mill.current_a,
+                electron_current_a=run.recipe.imaging.current_a,
+            )
+        await self._catch_up_segmentation()
         while True:
             if await self._boundary():
                 return
@@ -485,9 +522,28 @@ class Controller:
                 )
             ]
         )
-        if state.vacuum != "pumped":
-            await self._fire("preflight_failed", reason=f"vacuum {state.vacuum}", event_type="run_refused")
-            raise _Interrupted()
+        problem = None if state.vacuum == "pumped" else f"vacuum {state.vacuum}"
+        if problem is None and run.recipe.segmentation.enabled:
+            try:
+                await self._ensure_model()
+            except ModelError as exc:
+                problem = f"segmentation model: {exc}"
+        if problem is not None:
+            await self._fire("preflight_failed", reason=problem, event_type="run_refused")
+            self._raise_alert("preflight", "warning", problem)
+            storage = run.storage
+            self.journal.finish_run(
+                run.run_id,
+                "aborted",
+                events=[
+                    EventDraft(
+                        "run_finished", {"how": "refused", "reason": problem, "slices": 0}, run_id=run.run_id
+                    )
+                ],
+            )
+            storage.write_manifest(self._manifest("refused"))
+            self.run = None
+            raise _Refused()
 
     def _next_step(self) -> tuple[int, str] | None:
         run = self.run
@@ -495,6 +551,8 @@ class Controller:
         if run.next_slice >= run.total:
             return None
         done = {r.step for r in self.journal.steps(run.run_id, run.next_slice) if r.ok}
+        if run.next_slice in self._segmenting:
+            done.add("segment")  # running in the background; its own task journals the result
         for step in cycle.steps_for_slice(run.recipe, run.next_slice):
             if step not in done:
                 return run.next_slice, step
@@ -515,6 +573,7 @@ class Controller:
             self._pause_requested and self.state in ("pausing", "running", "resuming")
         ) or self.state == "pausing":
             self._pause_requested = False
+            await self._drain_segmentation()  # a paused run has every finished slice segmented
             await self._fire("paused", reason=self.reason or "operator", event_type="paused")
         if self.state in ("paused", "suspended"):
             return True  # the loop ends; `resume` launches it again
@@ -578,6 +637,7 @@ class Controller:
     async def _end_run(self, how: str) -> None:
         run = self.run
         assert run is not None
+        await self._drain_segmentation()
         self.journal.finish_run(
             run.run_id,
             how,
@@ -638,6 +698,11 @@ class Controller:
                 ),
                 run.recipe.guards.min_free_disk_bytes // 2,
             )
+        if step == "segment":
+            images = run.acquisition.images if run.acquisition is not None else None
+            await self._launch_segmentation(index, images)
+            self.on_change()
+            return
         step_id = self.journal.begin_step(
             run.run_id,
             index,
@@ -732,6 +797,115 @@ class Controller:
         )
         return True
 
+    async def _ensure_model(self) -> SegmentationModel:
+        """Load and check the recipe's model (at preflight, or on the first slice after a restart)."""
+        run = self.run
+        assert run is not None
+        if self._model is None:
+            seg = run.recipe.segmentation
+            path = SHIPPED_MODEL if seg.model == "builtin" else Path(seg.model)
+            model = await asyncio.to_thread(load_segmentation_model, path, threads=seg.threads)
+            img = run.recipe.imaging
+            check_against_recipe(model.spec, img.detectors, REQUIRED_CLASSES, img.pixel_size_m)
+            self._model = model
+        return self._model
+
+    async def _launch_segmentation(self, index: int, images: dict[str, Any] | None) -> None:
+        """Segment a slice in a worker thread while the instrument goes on with the next slice.
+
+        The fixed schedule takes no decision from a slice's segmentation, so nothing waits for it but
+        the next segmentation (a backlog of one), a pause and the end of the run. Adaptive policies that
+        decide re-deposition or dwell from the metrics wait for it in their adapt step."""
+        await self._drain_segmentation()
+        run = self.run
+        assert run is not None
+        step_id = self.journal.begin_step(run.run_id, index, "segment", {"slice": index})
+        task = asyncio.create_task(self._segment(index, step_id, images), name=f"kintsugi-segment-{index}")
+        self._segmenting[index] = task
+
+    async def _segment(self, index: int, step_id: int, images: dict[str, Any] | None) -> None:
+        run = self.run
+        assert run is not None
+        storage, recipe = run.storage, run.recipe
+        try:
+            model = await self._ensure_model()
+            if images is None:  # a restart: read the slice back from disk
+                images = await asyncio.to_thread(_read_images, storage.run_dir, storage.read_slice(index))
+            t0 = time.monotonic()
+            result = await asyncio.to_thread(run_segmentation, model, images)
+            infer_s = time.monotonic() - t0
+            metrics = await asyncio.to_thread(
+                slice_metrics,
+                result.labels,
+                recipe.imaging.pixel_size_m,
+                max_probability=result.max_probability,
+                entropy=result.entropy,
+            )
+            first = recipe.imaging.detectors[0]
+            preview = await asyncio.to_thread(overlay, images[first], result.labels)
+            numeric = metrics.numeric()
+            files = await asyncio.to_thread(
+                storage.write_segmentation,
+                index,
+                result.labels,
+                preview,
+                {"metrics": numeric, "inference_s": round(infer_s, 3)},
+            )
+        except Exception as exc:  # a failed segmentation never stops sectioning; it is reported
+            log.exception("segmentation failed", slice=index)
+            self.journal.fail_step(
+                step_id,
+                {"error": type(exc).__name__, "message": str(exc)},
+                events=[
+                    EventDraft("segmentation_failed", {"slice": index, "error": str(exc)}, run_id=run.run_id)
+                ],
+            )
+            self._raise_alert("segmentation", "warning", f"slice {index}: segmentation failed: {exc}")
+            return
+        finally:
+            self._segmenting.pop(index, None)
+        self.last_metrics = {"slice": index, **numeric}
+        self.journal.complete_step(
+            step_id,
+            {"files": files, "inference_s": round(infer_s, 3)},
+            events=[
+                EventDraft(
+                    "segmented",
+                    {"slice": index, "inference_s": round(infer_s, 3), **numeric},
+                    run_id=run.run_id,
+                )
+            ],
+        )
+        if self.latest_slice is not None and self.latest_slice.get("slice") == index:
+            self.latest_slice = {
+                **self.latest_slice,
+                "metrics": numeric,
+                "files": {**self.latest_slice.get("files", {}), **files},
+            }
+        self.on_change()
+
+    async def _drain_segmentation(self) -> None:
+        for task in list(self._segmenting.values()):
+            with contextlib.suppress(Exception):
+                await task
+
+    async def _catch_up_segmentation(self) -> None:
+        """Slices whose segmentation a crash or fault cut short are segmented again from their files."""
+        run = self.run
+        assert run is not None
+        if not run.recipe.segmentation.enabled:
+            return
+        for index in range(run.next_slice):
+            steps = [r for r in self.journal.steps(run.run_id, index) if r.step == "segment"]
+            unfinished = steps and not any(r.ok for r in steps)
+            if (
+                unfinished
+                and run.storage.slice_complete(index)
+                and not run.storage.segmentation_complete(index)
+            ):
+                await self._launch_segmentation(index, None)
+                await self._drain_segmentation()
+
     def _slice_files(self, index: int) -> dict[str, str]:
         assert self.run is not None
         for rec in self.journal.steps(self.run.run_id, index):
@@ -777,8 +951,6 @@ class Controller:
             run.acquisition = acq
             means = {name: round(float(img.mean()), 1) for name, img in acq.images.items()}
             return {"files": paths, "mean_grey": means, "face_position_m": acq.metadata.face_position_m}
-        if step == "segment":
-            return {"skipped": "segmentation arrives with the inference issue"}
         if step == "adapt":
             return {"policy": recipe.adapt.policy, "decisions": {}}
         if step == "checkpoint":
@@ -791,3 +963,13 @@ class Controller:
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     """Flat scalars of a step result for its event (file lists and arrays stay in the journal)."""
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _read_images(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    import tifffile
+
+    return {
+        name: tifffile.imread(run_dir / rel)
+        for name, rel in record["files"].items()
+        if name not in ("labels", "overlay")
+    }
