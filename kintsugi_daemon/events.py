@@ -41,7 +41,9 @@ __all__ = [
     "StopCommand",
     "Topics",
     "Verb",
+    "alert_suffix",
     "envelope_from_outbox",
+    "event_suffix",
     "export_schemas",
     "rfc3339",
 ]

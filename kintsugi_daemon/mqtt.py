@@ -4,6 +4,8 @@ Delivery rules (DESIGN.md, "Events over MQTT"):
 - Events live in the journal's outbox until the broker has acknowledged them (QoS 1 PUBACK); only then
   are they marked sent. A fresh MQTT session per connection means nothing is half-sent inside the
   client library: after an outage the publisher simply starts again from the oldest unsent seq.
+  Up to `window` events are in flight on the one TCP stream, so the broker still receives them in
+  seq order, and only the acknowledged prefix of a window is marked sent.
 - QoS 1 is at-least-once: an event whose PUBACK was lost with the connection is sent again. Subscribers
   that must not see a repeat drop envelopes whose (session, seq) they already have.
 - Retained topics (status, description, progress, alerts, slices/latest) are re-asserted on every
@@ -75,7 +77,8 @@ class MqttSettings:
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     fallback_poll_s: float = 2.0  # outbox re-read without notify(): covers writers that forget it
-    batch: int = 256
+    batch: int = 256  # events read from the outbox at a time
+    window: int = 16  # QoS 1 publishes in flight at once (paho's default in-flight limit is 20)
     max_command_bytes: int = 64 * 1024  # fits an inline recipe with comments; refuses floods
     command_max_age_s: float = 60.0
     command_max_future_s: float = 10.0
@@ -106,7 +109,7 @@ class MqttLink:
         description_provider: Callable[[], Description],
         command_handler: CommandHandler,
         progress_provider: Callable[[], Progress | None] = lambda: None,
-        alerts_provider: Callable[[], Iterable[Alert]] = tuple,
+        alerts_provider: Callable[[], Iterable[Alert]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -206,7 +209,7 @@ class MqttLink:
         s = self.settings
         lost = Status(state="lost", session=self._status().session, reason="connection lost")
         tls = aiomqtt.TLSParameters(ca_certs=str(s.ca_file) if s.ca_file else None) if s.tls else None
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host,
             s.port,
             username=s.username,
@@ -218,6 +221,8 @@ class MqttLink:
             timeout=s.timeout_s,
             tls_params=tls,
         )
+        client.pending_calls_threshold = s.window + 16  # a full window is normal, not worth a warning
+        return client
 
     async def _connection(self) -> None:
         client = self._make_client()
@@ -248,19 +253,25 @@ class MqttLink:
                 self._client = None
 
     async def _announce(self, client: aiomqtt.Client) -> None:
-        """On every connect: status first (clears a `lost` Last Will), then everything retained."""
-        retained: dict[str, bytes] = dict(self._retained)
+        """On every connect: subscribe to commands, then status (clears a `lost` Last Will), then the
+        rest retained. Subscribing first matters: an operator who sees our status may command at once."""
+        await client.subscribe(self.topics.commands, qos=1)
+        retained = self._retained
+        retained.pop(self.topics.status, None)
         retained[self.topics.description] = _json(self._description())
         progress = self._progress()
         if progress is not None:
             retained[self.topics.progress] = _json(progress)
-        for alert in self._alerts():
-            retained[self.topics.alert(alert.id)] = _json(alert)
-        retained.pop(self.topics.status, None)
+        if self._alerts is not None:
+            # The provider is the truth: an alert that ended while we were away is cleared now.
+            active = {self.topics.alert(a.id): _json(a) for a in self._alerts()}
+            for topic in retained:
+                if topic.startswith(self.topics.root + "alerts/") and topic not in active:
+                    retained[topic] = b""
+            retained.update(active)
         await client.publish(self.topics.status, _json(self._status_now()), qos=1, retain=True)
-        for topic, payload in retained.items():
+        for topic, payload in list(retained.items()):
             await client.publish(topic, payload, qos=1, retain=True)
-        await client.subscribe(self.topics.commands, qos=1)
 
     def _status_now(self, **update: Any) -> Status:
         return self._status().model_copy(update={"ts": self._clock(), **update})
@@ -296,16 +307,32 @@ class MqttLink:
                 deadline = deadline or loop.time() + self.settings.shutdown_flush_s
                 if not batch or loop.time() > deadline:
                     return
-            for event in batch:
-                # One at a time, in seq order: the next event goes out only after this one's PUBACK,
-                # so "marked sent" always means "the broker has it" and never skips ahead.
-                topic, envelope = self._wire(event)
-                await client.publish(topic, envelope, qos=1)
-                self._outbox.mark_sent([event.seq])
+            for start in range(0, len(batch), self.settings.window):
+                await self._publish_window(client, batch[start : start + self.settings.window])
             if not batch:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.settings.fallback_poll_s):
                         await self._wake.wait()
+
+    async def _publish_window(self, client: aiomqtt.Client, events: Sequence[OutboxRecord]) -> None:
+        """Up to `window` events in flight at once (one TCP stream, so the broker gets them in seq
+        order); then the acknowledged prefix is marked sent in one transaction. A failure leaves it
+        and everything after it unsent, so "sent" never skips ahead of an unacknowledged event."""
+        wires = [self._wire(event) for event in events]
+        # Tasks start in creation order, and each hands its packet to paho before its first await.
+        tasks = [asyncio.create_task(client.publish(t, payload, qos=1)) for t, payload in wires]
+        for task in tasks:
+            task.add_done_callback(_consume)  # the first failure is raised below; silence the rest
+        acked: list[int] = []
+        try:
+            for event, task in zip(events, tasks, strict=True):
+                await task
+                acked.append(event.seq)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if acked:
+                self._outbox.mark_sent(acked)
 
     def _wire(self, event: OutboxRecord) -> tuple[str, bytes]:
         """Topic and envelope of one event. A row that cannot go out as journaled (a topic with
@@ -406,6 +433,11 @@ class _Stub:
     time: float
     data: Mapping[str, Any]
     topic: str = ""
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -356,6 +356,8 @@ class SimulatedDualBeam:
             chamber_pressure_pa=2e-4 if self._vacuum_ok else 5.0,
             electron_beam_on=self._optics.beam_on and self._vacuum_ok,
             electron_current_a=self._optics.current_a * factor,
+            electron_current_setpoint_a=self._optics.current_a,
+            ion_current_setpoint_a=col.current_a,
             electron_voltage_v=self._optics.voltage_v,
             working_distance_m=self._optics.wd_set_m,
             ion_beam_on=col.beam_on and self._vacuum_ok,

@@ -229,7 +229,9 @@ class InstrumentState(StrictModel):
     vacuum: Literal["pumped", "venting", "vented", "pumping", "fault"]
     chamber_pressure_pa: float
     electron_beam_on: bool
-    electron_current_a: float
+    electron_current_a: float  # measured (probe current); the setpoint is below
+    electron_current_setpoint_a: float
+    ion_current_setpoint_a: float  # `ion.current_a` is the measured current
     electron_voltage_v: float
     working_distance_m: float
     ion_beam_on: bool

@@ -460,11 +460,7 @@ class Controller:
             except _Refused:
                 return
         elif self._guards is None:
-            self._guards = Guards(
-                run.recipe.guards,
-                ion_current_a=run.recipe.mill.current_a,
-                electron_current_a=run.recipe.imaging.current_a,
-            )
+            self._guards = Guards(run.recipe.guards)
         await self._catch_up_segmentation()
         while True:
             if await self._boundary():
@@ -503,11 +499,7 @@ class Controller:
             )
             * run.total
         )
-        self._guards = Guards(
-            run.recipe.guards,
-            ion_current_a=run.recipe.mill.current_a,
-            electron_current_a=run.recipe.imaging.current_a,
-        )
+        self._guards = Guards(run.recipe.guards)
         self.journal.publish(
             [
                 EventDraft(

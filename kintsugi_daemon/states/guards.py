@@ -24,10 +24,8 @@ class GuardReading:
 
 
 class Guards:
-    def __init__(self, settings: GuardSettings, *, ion_current_a: float, electron_current_a: float) -> None:
+    def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
-        self.ion_current_a = ion_current_a
-        self.electron_current_a = electron_current_a
         self._tripped: set[str] = set()
         self._clear_since: float | None = None
 
@@ -53,10 +51,13 @@ class Guards:
                 state.vacuum != "pumped",
                 f"chamber vacuum {state.vacuum} ({state.chamber_pressure_pa:.1e} Pa)",
             ),
-            self._band("ion_current", state.ion.current_a, self.ion_current_a),
+            # Measured against the setpoint: the mill and the polish set different currents.
+            self._band("ion_current", state.ion.current_a, state.ion_current_setpoint_a),
         ]
         if state.electron_beam_on:
-            readings.append(self._band("electron_current", state.electron_current_a, self.electron_current_a))
+            readings.append(
+                self._band("electron_current", state.electron_current_a, state.electron_current_setpoint_a)
+            )
         if needs_gis and state.gis.heater_on:
             readings.append(
                 GuardReading(
