@@ -17,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 import tifffile
 
-__all__ = ["write_atomic", "write_json_atomic", "write_tiff_atomic"]
+__all__ = ["fsync_dir", "write_atomic", "write_json_atomic", "write_tiff_atomic"]
 
 
 def _umask() -> int:
@@ -34,7 +34,11 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, no_clobber: bool = False) -> None:
+def write_atomic(
+    path: Path, write: Callable[[IO[bytes]], object], *, no_clobber: bool = False, sync_dir: bool = True
+) -> None:
+    """`sync_dir=False` leaves the folder's fsync to the caller (`fsync_dir`), who batches several
+    renames into one; until then a crash may lose the rename, never tear the file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)  # reopened by name: tifffile wants a file object with a path
     try:
@@ -51,9 +55,15 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, no_clobber
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames in a folder durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 

@@ -228,12 +228,18 @@ def _env_value(text: str) -> Any:
         return text
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str], prefix: str) -> dict[str, Any]:
+def _apply_env(
+    data: dict[str, Any], env: Mapping[str, str], prefix: str, keys: frozenset[str]
+) -> dict[str, Any]:
+    """Overlay `KINTSUGI_<KEY>` / `KINTSUGI_<SECTION>__<KEY>` variables whose first part is a settings key;
+    other KINTSUGI_* variables (the simulator's cache and token, say) belong to other programs."""
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for name, raw in env.items():
         if not name.startswith(prefix):
             continue
         path = name[len(prefix) :].lower().split("__")
+        if path[0] not in keys:
+            continue
         node = merged
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -263,7 +269,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> DaemonSettings:
     data = _read_toml(path) if path is not None else {}
-    data = _apply_env(data, os.environ if env is None else env, ENV_PREFIX)
+    data = _apply_env(
+        data, os.environ if env is None else env, ENV_PREFIX, frozenset(DaemonSettings.model_fields)
+    )
     # TOML has no path type: accept strings for Path fields by validating in lax mode for those only.
     return _parse(DaemonSettings, _paths_to_objects(data, DaemonSettings), str(path or "environment"))
 

@@ -39,6 +39,9 @@ SHUTDOWN_STEP_WAIT_S = 900.0  # how long SIGTERM waits for the step in progress 
 
 def configure_logging(level: str, json_output: bool) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stdout, format="%(message)s")
+    # Library chatter (every HTTP request, every transition callback) would drown the JSON log.
+    for noisy in ("httpx", "httpcore", "transitions"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[

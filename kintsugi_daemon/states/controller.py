@@ -55,6 +55,7 @@ SAFE_STATE_DEADLINE_S = 60.0
 # Classes the adaptive logic reads (unfilled-pore fraction, CBD coverage): a model without them is refused.
 REQUIRED_CLASSES = ("pore", "unfilled_pore", "active", "cbd")
 RECONCILE_WAIT_S = 600.0
+MANIFEST_EVERY = 10  # slices between run.json rewrites (each costs two fsyncs)
 
 
 class CommandRefused(Exception):
@@ -114,6 +115,7 @@ class Controller:
         self._guard_task: asyncio.Task[None] | None = None
         self._model: SegmentationModel | None = None
         self._segmenting: dict[int, asyncio.Task[None]] = {}
+        self._completions: dict[tuple[int, str], tuple[int, dict[str, Any], list[EventDraft]]] = {}
 
     # --- machine plumbing -------------------------------------------------------------------------
 
@@ -137,7 +139,9 @@ class Controller:
         if event_type is not None:
             drafts.append(EventDraft(type=event_type, data={"reason": reason, **(data or {})}, run_id=run_id))
         dest = self._destination(trigger)
-        self.journal.set_state(dest, reason, run_id, events=drafts)
+        with self.journal.transaction():
+            self.flush_completions()
+            self.journal.set_state(dest, reason, run_id, events=drafts)
         await getattr(self, trigger)()
         self.reason = reason
         self.since = time.time()
@@ -377,6 +381,9 @@ class Controller:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._completions:
+            with self.journal.transaction():
+                self.flush_completions()
 
     async def _stop_instrument(self, why: str) -> None:
         self._interrupt = why
@@ -471,12 +478,9 @@ class Controller:
                 return
             index, step = plan
             try:
-                await self._fire(f"begin_{step}", reason=self.reason if self.state == "stopping" else None)
+                await self._execute(index, step)
             except CommandRefused:
                 continue  # a command moved the machine meanwhile; the boundary handles it
-            self.step = step
-            try:
-                await self._execute(index, step)
             except _Interrupted:
                 continue  # the boundary decides: paused, aborted or halted
             except (InstrumentFault, CommsLost, DeadlineExceeded) as exc:
@@ -543,6 +547,7 @@ class Controller:
         if run.next_slice >= run.total:
             return None
         done = {r.step for r in self.journal.steps(run.run_id, run.next_slice) if r.ok}
+        done |= {step for (index, step) in self._completions if index == run.next_slice}
         if run.next_slice in self._segmenting:
             done.add("segment")  # running in the background; its own task journals the result
         for step in cycle.steps_for_slice(run.recipe, run.next_slice):
@@ -630,6 +635,8 @@ class Controller:
         run = self.run
         assert run is not None
         await self._drain_segmentation()
+        with self.journal.transaction():
+            self.flush_completions()
         self.journal.finish_run(
             run.run_id,
             how,
@@ -668,6 +675,7 @@ class Controller:
         run = self.run
         assert run is not None
         params: dict[str, Any] = {"slice": index}
+        reason = self.reason if self.state == "stopping" else None
         if step in cycle.DESTRUCTIVE:
             state = await self.instrument.state()
             if self._earlier_attempt_took_effect(index, step, state):
@@ -691,18 +699,26 @@ class Controller:
                 run.recipe.guards.min_free_disk_bytes // 2,
             )
         if step == "segment":
+            await self._fire("begin_segment", reason=reason)
+            self.step = step
             images = run.acquisition.images if run.acquisition is not None else None
             await self._launch_segmentation(index, images)
             self.on_change()
             return
-        step_id = self.journal.begin_step(
-            run.run_id,
-            index,
-            step,
-            params,
-            events=[EventDraft("step_started", {"slice": index, "step": step}, run_id=run.run_id)],
-        )
-        self.on_change()
+        if step == "checkpoint":
+            await self._checkpoint(index, reason)
+            return
+        # The state change and the intent share one transaction: one fsync, and never one without the other.
+        with self.journal.transaction():
+            step_id = self.journal.begin_step(
+                run.run_id,
+                index,
+                step,
+                params,
+                events=[EventDraft("step_started", {"slice": index, "step": step}, run_id=run.run_id)],
+            )
+            await self._fire(f"begin_{step}", reason=reason)
+        self.step = step
         t0 = time.monotonic()
         try:
             result = await self._perform(index, step, params)
@@ -741,22 +757,52 @@ class Controller:
                 "step_completed", {"slice": index, "step": step, **_summary(result)}, run_id=run.run_id
             )
         ]
-        if step == "checkpoint":
-            run.next_slice = index + 1
-            run.slice_times.append(result.pop("slice_period_s", 0.0))
-            events.append(EventDraft("slice_completed", {"slice": index, **result}, run_id=run.run_id))
-            self.latest_slice = {
-                "run_id": run.run_id,
-                "slice": index,
-                "z_m": run.face_m,
-                "thickness_m": run.recipe.run.slice_thickness_m,
-                "files": self._slice_files(index),
-            }
-            self.journal.checkpoint(run.run_id, index, result, events=events)
-            self.journal.complete_step(step_id, result)
-            run.storage.write_manifest(self._manifest(None))
-        else:
+        # Committed with the next state change (the next step's intent, a pause, a fault...): one
+        # fsync fewer per step. A crash before that is covered: recovery reconciles an open step.
+        self._completions[(index, step)] = (step_id, result, events)
+        self.on_change()
+
+    def flush_completions(self) -> None:
+        """Write the step completions held back for the next transaction (call inside one)."""
+        pending, self._completions = self._completions, {}
+        for step_id, result, events in pending.values():
             self.journal.complete_step(step_id, result, events=events)
+
+    async def _checkpoint(self, index: int, reason: str | None) -> None:
+        """The slice is done: state, held-back completions and the checkpoint in one transaction."""
+        run = self.run
+        assert run is not None
+        first = self.journal.steps(run.run_id, index)
+        period = time.time() - min(r.started for r in first) if first else 0.0
+        result = {"face_position_m": run.face_m}
+        with self.journal.transaction():
+            await self._fire("begin_checkpoint", reason=reason)
+            self.step = "checkpoint"
+            self.journal.checkpoint(
+                run.run_id,
+                index,
+                result,
+                events=[
+                    EventDraft(
+                        "slice_completed",
+                        {"slice": index, "slice_period_s": round(period, 3), **result},
+                        run_id=run.run_id,
+                    )
+                ],
+            )
+        run.next_slice = index + 1
+        run.slice_times.append(period)
+        self.latest_slice = {
+            "run_id": run.run_id,
+            "slice": index,
+            "z_m": run.face_m,
+            "thickness_m": run.recipe.run.slice_thickness_m,
+            "files": self._slice_files(index),
+        }
+        if run.next_slice % MANIFEST_EVERY == 0 or run.next_slice == run.total:
+            run.storage.write_manifest(
+                self._manifest(None)
+            )  # progress for readers; slice records are the truth
         self.on_change()
 
     def _attempts(self, index: int, step: str) -> list[Any]:
@@ -945,10 +991,6 @@ class Controller:
             return {"files": paths, "mean_grey": means, "face_position_m": acq.metadata.face_position_m}
         if step == "adapt":
             return {"policy": recipe.adapt.policy, "decisions": {}}
-        if step == "checkpoint":
-            first = self.journal.steps(run.run_id, index)
-            period = time.time() - min(r.started for r in first) if first else 0.0
-            return {"slice_period_s": round(period, 3), "face_position_m": run.face_m}
         raise AssertionError(f"unknown step {step}")
 
 

@@ -1,0 +1,135 @@
+"""Daemon overhead per slice and resident-memory growth over a long run (issue 3 figures).
+
+The daemon's controller (journal, run storage, state machine) drives a real simulator process at time
+scale 0. Overhead per slice = wall time of the slice minus the time spent inside instrument calls
+(measured around each call), i.e. what the daemon itself adds. Memory: RSS of this process (the daemon
+side) after a warm-up and at the end.
+
+    python -m benchmarks.bench_daemon [--slices 60] [--width-px 1024 --height-px 768]
+    python -m benchmarks.bench_daemon --memory [--slices 500] [--width-px 512 --height-px 384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from kintsugi_daemon.config import DaemonSettings
+from kintsugi_daemon.drivers.http_client import HttpDualBeam
+from kintsugi_daemon.journal import Journal
+from kintsugi_daemon.sim_process import start_simulator
+from kintsugi_daemon.states.controller import Controller
+
+RECIPE = """
+[run]
+name = "bench"
+slices = {slices}
+slice_thickness_m = 40e-9
+[roi]
+width_m = 40e-6
+height_m = 30e-6
+[pt]
+every_slices = 1
+[imaging]
+detectors = ["cbs", "tld"]
+width_px = {width}
+height_px = {height}
+[segmentation]
+enabled = false
+[guards]
+min_free_disk_bytes = 0
+"""
+
+
+class TimedInstrument:
+    """The real client, with the wall time spent inside each instrument call added up per slice."""
+
+    def __init__(self, inner: HttpDualBeam) -> None:
+        self.inner = inner
+        self.inside_s = 0.0
+
+    def __getattr__(self, verb: str) -> Any:
+        method = getattr(self.inner, verb)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                self.inside_s += time.perf_counter() - t0
+
+        return call
+
+
+async def run(slices: int, width: int, height: int, memory: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        sim_args = ["--time-scale", "0", "--slices", str(slices), "--width-px", str(width),
+                    "--height-px", str(height)]
+        async with start_simulator(sim_args, log_path=Path(tmp) / "sim.log") as sim:
+            settings = DaemonSettings(data_root=Path(tmp) / "runs")
+            settings.data_root.mkdir()
+            journal = Journal(settings.journal_file, "bench")
+            client = HttpDualBeam(sim.url, token=sim.token, deadline_scale=0.05)
+            timed = TimedInstrument(client)
+            controller = Controller(instrument=timed, journal=journal, settings=settings)  # type: ignore[arg-type]
+            await controller.boot()
+            proc = psutil.Process()
+            overheads: list[float] = []
+            rss: dict[int, float] = {}
+            last = (time.perf_counter(), 0.0, 0)
+
+            def on_change() -> None:
+                nonlocal last
+                run_ = controller.run
+                done = run_.next_slice if run_ else slices
+                if done > last[2]:
+                    now = time.perf_counter()
+                    overheads.append((now - last[0]) - (timed.inside_s - last[1]))
+                    last = (now, timed.inside_s, done)
+                    if memory and done in (50, slices):
+                        rss[done] = proc.memory_info().rss / 2**20
+
+            controller.on_change = on_change
+            t0 = time.perf_counter()
+            await controller.command("start", {"recipe": RECIPE.format(slices=slices, width=width, height=height)})
+            await controller.wait_run()
+            wall = time.perf_counter() - t0
+            await controller.close()
+            await client.aclose()
+            journal.close()
+
+    overheads = overheads[1:]  # the first slice carries preflight and connection set-up
+    med = statistics.median(overheads) * 1e3
+    p90 = sorted(overheads)[int(0.9 * (len(overheads) - 1))] * 1e3
+    print(f"daemon overhead per slice ({width}x{height}, 2 detectors, time scale 0, segmentation off)")
+    print(f"  slices {len(overheads) + 1}, wall {wall:.1f} s, instrument calls {timed.inside_s:.1f} s")
+    print(f"  overhead median {med:.1f} ms, p90 {p90:.1f} ms   (target median <= 50 ms): "
+          f"{'PASS' if med <= 50 else 'FAIL'}")
+    if memory and len(rss) == 2:
+        growth = rss[slices] - rss[50]
+        print(f"  RSS after 50 slices {rss[50]:.1f} MB, after {slices}: {rss[slices]:.1f} MB, "
+              f"growth {growth:+.1f} MB   (target <= 20 MB): {'PASS' if growth <= 20 else 'FAIL'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slices", type=int, default=None)
+    p.add_argument("--width-px", type=int, default=None)
+    p.add_argument("--height-px", type=int, default=None)
+    p.add_argument("--memory", action="store_true", help="the 500-slice memory-growth run")
+    a = p.parse_args()
+    slices = a.slices or (500 if a.memory else 60)
+    width = a.width_px or (512 if a.memory else 1024)
+    height = a.height_px or (384 if a.memory else 768)
+    asyncio.run(run(slices, width, height, a.memory))
+
+
+if __name__ == "__main__":
+    main()
