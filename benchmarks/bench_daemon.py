@@ -70,15 +70,23 @@ class TimedInstrument:
 
 async def run(slices: int, width: int, height: int, memory: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        sim_args = ["--time-scale", "0", "--slices", str(slices), "--width-px", str(width),
-                    "--height-px", str(height)]
+        sim_args = [
+            "--time-scale",
+            "0",
+            "--slices",
+            str(slices),
+            "--width-px",
+            str(width),
+            "--height-px",
+            str(height),
+        ]
         async with start_simulator(sim_args, log_path=Path(tmp) / "sim.log") as sim:
             settings = DaemonSettings(data_root=Path(tmp) / "runs")
             settings.data_root.mkdir()
             journal = Journal(settings.journal_file, "bench")
             client = HttpDualBeam(sim.url, token=sim.token, deadline_scale=0.05)
             timed = TimedInstrument(client)
-            controller = Controller(instrument=timed, journal=journal, settings=settings)  # type: ignore[arg-type]
+            controller = Controller(instrument=timed, journal=journal, settings=settings)
             await controller.boot()
             proc = psutil.Process()
             overheads: list[float] = []
@@ -98,7 +106,9 @@ async def run(slices: int, width: int, height: int, memory: bool) -> None:
 
             controller.on_change = on_change
             t0 = time.perf_counter()
-            await controller.command("start", {"recipe": RECIPE.format(slices=slices, width=width, height=height)})
+            await controller.command(
+                "start", {"recipe": RECIPE.format(slices=slices, width=width, height=height)}
+            )
             await controller.wait_run()
             wall = time.perf_counter() - t0
             await controller.close()
@@ -110,12 +120,16 @@ async def run(slices: int, width: int, height: int, memory: bool) -> None:
     p90 = sorted(overheads)[int(0.9 * (len(overheads) - 1))] * 1e3
     print(f"daemon overhead per slice ({width}x{height}, 2 detectors, time scale 0, segmentation off)")
     print(f"  slices {len(overheads) + 1}, wall {wall:.1f} s, instrument calls {timed.inside_s:.1f} s")
-    print(f"  overhead median {med:.1f} ms, p90 {p90:.1f} ms   (target median <= 50 ms): "
-          f"{'PASS' if med <= 50 else 'FAIL'}")
+    print(
+        f"  overhead median {med:.1f} ms, p90 {p90:.1f} ms   (target median <= 50 ms): "
+        f"{'PASS' if med <= 50 else 'FAIL'}"
+    )
     if memory and len(rss) == 2:
         growth = rss[slices] - rss[50]
-        print(f"  RSS after 50 slices {rss[50]:.1f} MB, after {slices}: {rss[slices]:.1f} MB, "
-              f"growth {growth:+.1f} MB   (target <= 20 MB): {'PASS' if growth <= 20 else 'FAIL'}")
+        print(
+            f"  RSS after 50 slices {rss[50]:.1f} MB, after {slices}: {rss[slices]:.1f} MB, "
+            f"growth {growth:+.1f} MB   (target <= 20 MB): {'PASS' if growth <= 20 else 'FAIL'}"
+        )
 
 
 def main() -> None:
