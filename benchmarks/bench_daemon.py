@@ -24,6 +24,7 @@ import psutil
 from kintsugi_daemon.config import DaemonSettings
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.journal import Journal
+from kintsugi_daemon.service import configure_logging
 from kintsugi_daemon.sim_process import start_simulator
 from kintsugi_daemon.states.controller import Controller
 
@@ -142,6 +143,7 @@ def main() -> None:
     slices = a.slices or (500 if a.memory else 60)
     width = a.width_px or (512 if a.memory else 1024)
     height = a.height_px or (384 if a.memory else 768)
+    configure_logging("warning", json_output=False)  # per-transition logs would be the benchmark's output
     asyncio.run(run(slices, width, height, a.memory))
 
 
