@@ -318,3 +318,24 @@ async def test_model_problems_refuse_the_run_before_milling(
     run = harness.journal.run(reply["run_id"])
     assert run is not None and run.state == "aborted"
     assert harness.journal.active_run() is None
+
+
+async def test_vacuum_loss_suspends_and_resumes_on_its_own(harness: Harness) -> None:
+    async with httpx.AsyncClient(
+        base_url=harness.sim.url, headers={"Authorization": f"Bearer {harness.sim.token}"}
+    ) as http:
+        # The second mill finds the chamber vented; the vacuum comes back 1.5 s later.
+        fault = {"kind": "vacuum_loss", "verb": "mill", "after_calls": 1, "duration_s": 1.5}
+        (await http.post("/test/faults", json=fault)).raise_for_status()
+        reply = await harness.controller.command("start", {"recipe": recipe(3, pt_every=0)})
+        await harness.wait_state("suspended")
+        assert "guard_vacuum" in harness.controller.alerts
+        assert harness.controller.reason == "guard: vacuum"
+        await harness.wait_state("done")
+    assert "guard_vacuum" not in harness.controller.alerts  # cleared when the vacuum came back
+    # The refused mill removed nothing and was retried once; every slice got exactly one good mill.
+    mills = [s for s in harness.journal.steps(reply["run_id"]) if s.step == "mill"]
+    assert sorted(s.slice_index for s in mills if s.ok) == [0, 1, 2]
+    assert [s.slice_index for s in mills if not s.ok] == [1]
+    types = [e.type for e in harness.journal.pending_events(1000)]
+    assert types.index("suspended") < types.index("resumed") < types.index("done")

@@ -182,3 +182,52 @@ async def test_sigkill_and_restart_resumes_without_repeating_a_mill(drill: Drill
     assert not list(run_dir.rglob(".*.tmp"))  # no torn file left behind
     # The offline status was said before the clean exit.
     await drill.wait_for(None, state="offline", timeout_s=5)
+
+
+async def test_broker_outage_mid_run_loses_no_event(drill: Drill) -> None:
+    """Mosquitto goes down for a while mid-run: the run goes on, and a persistent QoS 1 subscriber ends
+    up with every event the daemon journaled, in order."""
+    import aiomqtt
+
+    seen: list[int] = []
+
+    async def subscribe() -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1",
+                    drill.broker.port,
+                    username="monitor",
+                    password=USERS["monitor"],
+                    identifier="drill-monitor",
+                    clean_session=False,
+                ) as client:
+                    await client.subscribe(f"kintsugi/v1/{INSTRUMENT_ID}/events/#", qos=1)
+                    async for message in client.messages:
+                        seen.append(json.loads(message.payload)["seq"])
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.2)
+
+    listener = asyncio.create_task(subscribe())
+    daemon = await drill.start_daemon("daemon.log")
+    try:
+        await drill.wait_for("idle")
+        assert (await drill.operator().command("start", {"recipe": RECIPE}))["accepted"]
+        await drill.wait_for("running.image")
+        drill.broker.stop()  # the broker goes away mid-run ...
+        journal = Journal(drill.root / "runs" / "journal.sqlite", "inspector")
+        async with asyncio.timeout(60):  # ... while the run goes on and journals events
+            while journal.last_seq() < max(seen, default=0) + 10:
+                await asyncio.sleep(0.1)
+        await drill.broker.start_async()
+        await drill.wait_for("done", timeout_s=120)
+        async with asyncio.timeout(30):
+            while journal.unsent_count() or set(seen) != set(range(1, journal.last_seq() + 1)):
+                await asyncio.sleep(0.1)
+        journal.close()
+    finally:
+        listener.cancel()
+        daemon.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(daemon.wait(), 30)
+    deduplicated = list(dict.fromkeys(seen))
+    assert deduplicated == sorted(deduplicated)  # in order; a QoS 1 repeat at most, never a gap
