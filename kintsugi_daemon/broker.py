@@ -7,6 +7,10 @@ operators are real MQTT clients over TCP either way.
 
 Three roles, as in production (deploy/mosquitto/kintsugi.acl): the daemon writes its own topic tree and
 reads commands; an operator reads everything and writes commands; a monitor only reads.
+
+With `persistence=True` (Mosquitto only; the tests and benchmarks use it) `stop()` is a clean SIGTERM, so
+the broker saves its persistence file and persistent sessions (clean_session=False subscribers, with
+everything queued for them) survive a `start()` on the same port.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
     "child_preexec",
     "free_port",
     "mosquitto_binaries",
+    "mosquitto_paths",
 ]
 
 BrokerKind = Literal["mosquitto", "embedded"]
@@ -78,10 +83,17 @@ def acl_text(roles: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = ROLE
     return "\n\n".join(blocks) + "\n"
 
 
+def mosquitto_paths() -> tuple[str, str]:
+    """Where (mosquitto, mosquitto_passwd) are, or would be: on PATH, else Debian's locations."""
+    return (
+        shutil.which("mosquitto") or "/usr/sbin/mosquitto",
+        shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd",
+    )
+
+
 def mosquitto_binaries() -> tuple[str, str] | None:
     """(mosquitto, mosquitto_passwd) when both are installed and executable, else None."""
-    broker = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    broker, passwd = mosquitto_paths()
     if os.access(broker, os.X_OK) and os.access(passwd, os.X_OK):
         return broker, passwd
     return None
@@ -120,7 +132,12 @@ def child_preexec(parent_pid: int) -> Callable[[], None] | None:
 
 
 class LocalBroker:
-    """One private broker: `start()`, `stop()` (clean SIGTERM) or `kill()`; also a context manager."""
+    """One private broker: `start()` (or `start_async()`), `stop()` (clean SIGTERM) or `kill()`; also a
+    context manager. It may be started again after `stop()`, on the same port.
+
+    `passwords` fixes each role's password (default: random per broker). `persistence` keeps sessions
+    and queued messages across a stop()/start() and lifts Mosquitto's queue limits, so an outage of any
+    length loses nothing for a persistent subscriber; it needs Mosquitto."""
 
     def __init__(
         self,
@@ -130,6 +147,7 @@ class LocalBroker:
         host: str = "127.0.0.1",
         embedded: bool | None = None,
         passwords: Mapping[str, str] | None = None,
+        persistence: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.host = host
@@ -140,6 +158,9 @@ class LocalBroker:
             raise BrokerError("mosquitto is not installed (mosquitto and mosquitto_passwd)")
         self._binaries = binaries
         self.kind: BrokerKind = "mosquitto" if binaries else "embedded"
+        if persistence and self.kind == "embedded":
+            raise BrokerError("persistence needs mosquitto (mosquitto and mosquitto_passwd)")
+        self.persistence = persistence
         # Random per broker: nothing outside this folder and the caller can talk to it.
         self.passwords = dict(passwords or {user: secrets.token_urlsafe(16) for user in ROLES})
         self.process: subprocess.Popen[bytes] | None = None
@@ -159,6 +180,11 @@ class LocalBroker:
         return self.directory / "broker.log"
 
     @property
+    def config(self) -> Path:
+        """The broker's config file (written by `start()`)."""
+        return self.directory / ("mosquitto.conf" if self.kind == "mosquitto" else "amqtt.json")
+
+    @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
@@ -172,44 +198,72 @@ class LocalBroker:
         """Write the config, start the broker and wait (bounded) until its port accepts connections.
 
         The port is picked free before the broker binds it; if another process takes it meanwhile, the
-        broker exits and a new port is tried (unless the caller fixed the port)."""
+        broker exits and a new port is tried (unless the caller fixed the port, or clients already know
+        it from an earlier start)."""
+        for attempt in range(3):
+            self._spawn(self._write_config())
+            try:
+                deadline = time.monotonic() + timeout_s
+                while not _accepts(self.host, self.port):
+                    self._check_starting(deadline, timeout_s)
+                    time.sleep(0.02)
+                break
+            except BrokerError:
+                if not self._retry_on_new_port(attempt):
+                    raise
+        self._fixed_port = self.port
+
+    async def start_async(self, timeout_s: float = 15.0) -> None:
+        """`start()` without blocking the event loop (clients in the same loop keep running)."""
+        for attempt in range(3):
+            # The files are written off the loop; the process is spawned on this (the main) thread,
+            # since PR_SET_PDEATHSIG fires when the forking thread exits.
+            self._spawn(await asyncio.to_thread(self._write_config))
+            try:
+                deadline = time.monotonic() + timeout_s
+                while not await asyncio.to_thread(_accepts, self.host, self.port):
+                    self._check_starting(deadline, timeout_s)
+                    await asyncio.sleep(0.02)
+                break
+            except BrokerError:
+                if not self._retry_on_new_port(attempt):
+                    raise
+        self._fixed_port = self.port
+
+    def _spawn(self, command: list[str]) -> None:
         if self.running:
             raise BrokerError("broker already running")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            command = self._write_config()
-            self._log = self.log_path.open("ab")
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=child_preexec(os.getpid()),
-            )
-            try:
-                self._wait_listening(timeout_s)
-                return
-            except BrokerError:
-                lost_port = self.process.poll() is not None and "in use" in self._log_tail()
-                self.stop()
-                if not lost_port or self._fixed_port is not None or attempt == 2:
-                    raise
-                self.port = free_port(self.host)
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=child_preexec(os.getpid()),
+        )
 
-    def _wait_listening(self, timeout_s: float) -> None:
+    def _check_starting(self, deadline: float, timeout_s: float) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while not _accepts(self.host, self.port):
-            if self.process.poll() is not None:
-                raise BrokerError(
-                    f"{self.kind} broker exited with status {self.process.returncode}: {self._log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise BrokerError(
-                    f"{self.kind} broker not listening on {self.host}:{self.port} after {timeout_s:g} s: "
-                    f"{self._log_tail()}"
-                )
-            time.sleep(0.02)
+        if self.process.poll() is not None:
+            raise BrokerError(
+                f"{self.kind} broker exited with status {self.process.returncode}: {self._log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"{self.kind} broker not listening on {self.host}:{self.port} after {timeout_s:g} s: "
+                f"{self._log_tail()}"
+            )
+
+    def _retry_on_new_port(self, attempt: int) -> bool:
+        """After a failed start: stop, and pick a new port when another process took this one."""
+        lost_port = (
+            self.process is not None and self.process.poll() is not None and "in use" in self._log_tail()
+        )
+        self.stop()
+        if not lost_port or self._fixed_port is not None or attempt == 2:
+            return False
+        self.port = free_port(self.host)
+        return True
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Clean SIGTERM (SIGKILL if it does not exit in time); idempotent."""
@@ -251,6 +305,9 @@ class LocalBroker:
     # --- configuration ---------------------------------------------------------------------------
 
     def _write_config(self) -> list[str]:
+        if self.running:
+            raise BrokerError("broker already running")
+        self.directory.mkdir(parents=True, exist_ok=True)
         if self._binaries is not None:
             return self._write_mosquitto(*self._binaries)
         return self._write_embedded()
@@ -265,19 +322,26 @@ class LocalBroker:
             )
         acl = self.directory / "acl"
         acl.write_text(acl_text())
-        config = self.directory / "mosquitto.conf"
-        config.write_text(
+        if self.persistence:
+            persistence = (
+                f"persistence true\npersistence_location {self.directory}/\n"
+                # Queue everything for offline persistent subscribers: a long outage must not overflow.
+                "max_queued_messages 0\nmax_inflight_messages 0\n"
+            )
+        else:
+            persistence = "persistence false\n"
+        self.config.write_text(
             f"listener {self.port} {self.host}\n"
             "allow_anonymous false\n"
             f"password_file {passwd}\n"
             f"acl_file {acl}\n"
-            "persistence false\n"
+            f"{persistence}"
             # As root, mosquitto would otherwise drop to the `mosquitto` user, who cannot read our files.
             f"user {_user_name()}\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
-        return [mosquitto, "-c", str(config)]
+        return [mosquitto, "-c", str(self.config)]
 
     def _write_embedded(self) -> list[str]:
         from pwdlib.hashers.argon2 import Argon2Hasher  # amqtt's dependency: its file plugin reads argon2
@@ -286,9 +350,8 @@ class LocalBroker:
         passwd = self.directory / "passwd"
         passwd.write_text("".join(f"{u}:{hasher.hash(p)}\n" for u, p in self.passwords.items()))
         passwd.chmod(0o600)
-        config = self.directory / "amqtt.json"
-        config.write_text(json.dumps(_amqtt_config(self.host, self.port, passwd), indent=1))
-        return [sys.executable, "-m", "kintsugi_daemon.broker", "--embedded", "--config", str(config)]
+        self.config.write_text(json.dumps(_amqtt_config(self.host, self.port, passwd), indent=1))
+        return [sys.executable, "-m", "kintsugi_daemon.broker", "--embedded", "--config", str(self.config)]
 
 
 def _user_name() -> str:
