@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 
-.PHONY: demo test lint bench bench-render bench-specimen dataset clean
+.PHONY: demo test lint bench bench-render bench-specimen bench-daemon bench-memory bench-mqtt bench-segmentation dataset clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,19 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## benchmarks: print their figures (see README)
-bench: bench-render bench-specimen
+bench: bench-render bench-specimen bench-daemon bench-memory bench-mqtt bench-segmentation
+
+bench-daemon: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_daemon
+
+bench-memory: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_daemon --memory
+
+bench-mqtt: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_mqtt
+
+bench-segmentation: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_segmentation --quick
 
 bench-render: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_render

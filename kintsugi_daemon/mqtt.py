@@ -75,7 +75,7 @@ class MqttSettings:
     keepalive_s: int = 15  # the broker declares us lost (Last Will) after 1.5 x keepalive of silence
     timeout_s: float = 10.0  # per MQTT operation (CONNACK, PUBACK, SUBACK)
     backoff_min_s: float = 0.5
-    backoff_max_s: float = 30.0
+    backoff_max_s: float = 10.0  # a daemon waits at most this long after the broker is back
     fallback_poll_s: float = 2.0  # outbox re-read without notify(): covers writers that forget it
     batch: int = 256  # events read from the outbox at a time
     window: int = 16  # QoS 1 publishes in flight at once (paho's default in-flight limit is 20)
