@@ -231,3 +231,42 @@ async def test_broker_outage_mid_run_loses_no_event(drill: Drill) -> None:
         await asyncio.wait_for(daemon.wait(), 30)
     deduplicated = list(dict.fromkeys(seen))
     assert deduplicated == sorted(deduplicated)  # in order; a QoS 1 repeat at most, never a gap
+
+
+async def test_operator_command_line(drill: Drill) -> None:
+    """`kintsugi start | status | watch | resume` as an operator types them, against the running daemon."""
+    daemon = await drill.start_daemon("daemon.log")
+    settings = drill.settings_file()
+    recipe_file = drill.root / "run.toml"
+    recipe_file.write_text(RECIPE)
+    creds = ["--config", str(settings), "--username", "operator", "--password", USERS["operator"]]
+
+    async def kintsugi(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kintsugi_daemon.cli",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    try:
+        await drill.wait_for("idle")
+        code, out, _ = await kintsugi("status", "--json", *creds)
+        assert code == 0 and json.loads(out)["status"]["path"] == "idle"
+        code, out, _ = await kintsugi("start", str(recipe_file), *creds)
+        assert code == 0 and "start: accepted" in out
+        code, out, _ = await kintsugi("watch", "--until-done", *creds, timeout_s=120)
+        assert code == 0 and "slice" in out
+        code, _, err = await kintsugi("resume", *creds)
+        assert code == 1 and "resume is not allowed in state done" in err  # refused, and said why
+        bad = drill.root / "bad.toml"
+        bad.write_text(RECIPE.replace("slices = 3", "slices = -3"))
+        code, _, err = await kintsugi("start", str(bad), *creds)
+        assert code == 2 and "run.slices" in err  # checked locally; never reaches the daemon
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(daemon.wait(), 30)
