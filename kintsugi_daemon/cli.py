@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "kintsugi_daemon.export_cli",
     "kintsugi_daemon.validate_cli",
     "kintsugi_daemon.daemon_cli",
+    "kintsugi_daemon.train_cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
