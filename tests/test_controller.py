@@ -339,3 +339,98 @@ async def test_vacuum_loss_suspends_and_resumes_on_its_own(harness: Harness) -> 
     assert [s.slice_index for s in mills if not s.ok] == [1]
     types = [e.type for e in harness.journal.pending_events(1000)]
     assert types.index("suspended") < types.index("resumed") < types.index("done")
+
+
+async def slow_harness(start_sim: SimStarter, tmp_path: Path) -> tuple[Harness, HttpDualBeam, Any]:
+    """A harness whose instrument takes real time (time scale 0.15), so a command can land mid-step."""
+    cm = start_sim("--time-scale", "0.15", "--test-endpoints")
+    sim = await cm.__aenter__()
+    h, client = await make_harness(sim, tmp_path)
+    return h, client, cm
+
+
+async def close_harness(h: Harness, client: HttpDualBeam, cm: Any) -> None:
+    await h.controller.close()
+    await client.aclose()
+    h.journal.close()
+    await cm.__aexit__(None, None, None)
+
+
+async def test_immediate_pause_stops_the_mill_and_finishes_it_after_resume(
+    start_sim: SimStarter, tmp_path: Path
+) -> None:
+    h, client, cm = await slow_harness(start_sim, tmp_path)
+    try:
+
+        async def pause_now_during_second_mill(n: int) -> None:
+            if n == 2:
+
+                async def later() -> None:
+                    async with asyncio.timeout(10):
+                        while (await client.state()).busy != "mill":
+                            await asyncio.sleep(0.02)
+                    await h.controller.command("pause", {"now": True})
+
+                asyncio.get_running_loop().create_task(later())
+
+        h.recorder.hooks["mill"] = pause_now_during_second_mill
+        reply = await h.controller.command("start", {"recipe": recipe(2, pt_every=0, mill_current=1e-9)})
+        await h.wait_state("paused")
+        assert h.recorder.commands() == [*SLICE, "mill", "stop"]  # patterning stopped mid-slice
+        await h.controller.command("resume", {})
+        await h.wait_state("done")
+        assert h.recorder.commands()[6:] == [*SLICE]  # the mill is finished, then the slice goes on
+        mills = [s for s in h.journal.steps(reply["run_id"], 1) if s.step == "mill"]
+        assert [m.ok for m in mills] == [False, True]
+        assert mills[1].params["thickness_m"] < 40e-9  # only what was left of the slice
+    finally:
+        await close_harness(h, client, cm)
+
+
+async def test_stop_finishes_the_slice_then_ends(harness: Harness) -> None:
+    async def stop_on_second_mill(n: int) -> None:
+        if n == 2:
+            await harness.controller.command("stop", {})
+
+    harness.recorder.hooks["mill"] = stop_on_second_mill
+    reply = await harness.controller.command("start", {"recipe": recipe(4, pt_every=0)})
+    await harness.wait_state("done")
+    assert harness.recorder.commands() == [*SLICE, *SLICE]  # slice 1 completed, nothing after it
+    run = harness.journal.run(reply["run_id"])
+    assert run is not None and run.state == "stopped"
+    assert harness.journal.last_checkpoint(reply["run_id"])[0] == 1  # type: ignore[index]
+
+
+async def test_halt_makes_safe_and_waits_for_clear(harness: Harness) -> None:
+    halting: list[asyncio.Task[dict[str, Any]]] = []
+
+    async def halt_on_first_polish(n: int) -> None:
+        if n == 1:
+            halting.append(asyncio.get_running_loop().create_task(harness.controller.command("halt", {})))
+
+    harness.recorder.hooks["polish"] = halt_on_first_polish
+    await harness.controller.command("start", {"recipe": recipe(2, pt_every=0)})
+    async with asyncio.timeout(30):
+        while not halting:
+            await asyncio.sleep(0.01)
+        await halting[0]  # the halt command has returned: the instrument is stopped and safe
+    assert harness.controller.state == "faulted"
+    assert harness.recorder.commands()[-2:] == ["stop", "safe_state"]
+    with pytest.raises(CommandRefused):
+        await harness.controller.command("resume", {})
+    await harness.controller.command("clear", {})
+    await harness.controller.command("resume", {})
+    await harness.wait_state("done")
+    assert harness.recorder.commands().count("acquire") == 2
+
+
+async def test_full_disk_suspends_before_anything_is_milled(harness: Harness) -> None:
+    text = recipe(2, pt_every=0).replace("min_free_disk_bytes = 0", "min_free_disk_bytes = 1000000000000000")
+    reply = await harness.controller.command("start", {"recipe": text})
+    await harness.wait_state("suspended")
+    assert "guard_disk" in harness.controller.alerts
+    assert harness.recorder.commands() == []
+    await harness.controller.command("stop", {})
+    await harness.wait_state("done")
+    run = harness.journal.run(reply["run_id"])
+    assert run is not None and run.state == "stopped"

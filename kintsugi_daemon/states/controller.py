@@ -579,6 +579,8 @@ class Controller:
     def _slice_boundary(self) -> bool:
         run = self.run
         assert run is not None
+        if any(index == run.next_slice for index, _ in self._completions):
+            return False  # a step of this slice finished (its completion rides on the next commit)
         return not any(r.ok for r in self.journal.steps(run.run_id, run.next_slice))
 
     async def _suspend_for_guards(self) -> bool:
