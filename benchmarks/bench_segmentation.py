@@ -258,7 +258,9 @@ def part_b(data_dir: Path, quick: bool) -> None:
     from kintsugi_daemon.inference.training import TrainConfig, train
 
     budget = (
-        ClaimBudget((2, 4, 8), epochs=4, steps_per_epoch=25, batch_size=8, crop_px=128, width=512, height=384)
+        ClaimBudget(
+            (1, 2, 4, 8), epochs=4, steps_per_epoch=25, batch_size=8, crop_px=128, width=512, height=384
+        )
         if quick
         else ClaimBudget(
             (2, 4, 8, 16), epochs=8, steps_per_epoch=25, batch_size=8, crop_px=128, width=512, height=384
@@ -339,7 +341,9 @@ def part_b(data_dir: Path, quick: bool) -> None:
 
     def needed(variant: str) -> str:
         hit = [n for n in budget.counts if results[(variant, n)].porosity_iou >= CLAIM_PORE_IOU]
-        return str(min(hit)) if hit else f"> {n_max} (not reached)"
+        if not hit:
+            return f"> {n_max} (not reached)"
+        return f"<= {min(hit)}" if min(hit) == min(budget.counts) else str(min(hit))
 
     w, wo = results[("with-pt", n_max)], results[("without-pt", n_max)]
     rows = [
