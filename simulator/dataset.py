@@ -1,31 +1,59 @@
 """`kintsugi-sim dataset`: one specimen sectioned twice, with and without Pt infiltration.
 
-Both variants run the same scripted cycle on the same specimen with the same random streams, so slice i
-of `with-pt/` and `without-pt/` show the same plane; only the Pt (and so pore contrast) differs. Every
-file is written atomically and the manifest last, so a folder with a `dataset.json` is complete.
+Both variants run the daemon's fixed schedule (the same step functions) on the same specimen with the
+same random streams, so slice i of `with-pt/` and `without-pt/` show the same plane; only the Pt (and so
+pore contrast) differs. Every file is written atomically and the manifest last, so a folder with a
+`dataset.json` is complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 from kintsugi_daemon.atomic import write_json_atomic, write_tiff_atomic
-from kintsugi_daemon.scripted import CyclePlan, run_cycle
+from kintsugi_daemon.config import Recipe
+from kintsugi_daemon.states.steps import fixed_schedule
 from simulator.factory import RunSize, make_simulator
 from simulator.materials import CANONICAL_CLASSES
 
 __all__ = ["VARIANTS", "export_dataset"]
 
 VARIANTS = ("with-pt", "without-pt")
+# The field of view's milled area: generous, so every FOV fits (it only sets the simulated mill time).
+ROI = {"width_m": 65e-6, "height_m": 55e-6}
+
+
+def _recipe(
+    slices: int,
+    width_px: int,
+    height_px: int,
+    pixel_size_m: float,
+    geometry: Literal["cross_section", "planar"],
+    *,
+    pt_every: int,
+) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "run": {
+                "name": "kintsugi-sim dataset",
+                "geometry": geometry,
+                "slices": slices,
+                "slice_thickness_m": 40e-9,
+            },
+            "roi": ROI,
+            "pt": {"every_slices": pt_every},
+            "imaging": {"width_px": width_px, "height_px": height_px, "pixel_size_m": pixel_size_m},
+            "segmentation": {"enabled": False},
+        }
+    )
 
 
 async def _export_variant(
     out: Path,
-    plan: CyclePlan,
+    recipe: Recipe,
     size: RunSize,
     *,
     preset: str,
@@ -41,7 +69,7 @@ async def _export_variant(
         size, preset=preset, seed=seed, geometry=geometry, time_scale=0.0, cache_dir=cache_dir
     )
     slices: list[dict[str, Any]] = []
-    async for outcome in run_cycle(sim, plan):
+    async for outcome in fixed_schedule(sim, recipe):
         i = outcome.index
         images: dict[str, str] = {}
         meta = outcome.acquisition.metadata.model_dump(mode="json")
@@ -56,26 +84,23 @@ async def _export_variant(
                 "index": i,
                 "images": images,
                 "labels": f"{i:04d}_labels.tif",
-                "face_position_m": outcome.polish.face_position_m,
+                "face_position_m": outcome.acquisition.metadata.face_position_m,
             }
         )
-        progress(f"{out.name}: slice {i + 1}/{plan.slices}")
+        progress(f"{out.name}: slice {i + 1}/{recipe.run.total_slices}")
+    img = recipe.imaging
     manifest = {
-        "detectors": list(plan.detectors),
+        "detectors": list(img.detectors),
         "classes": CANONICAL_CLASSES,
-        "pixel_size_m": plan.pixel_size_m,
-        "slice_thickness_m": plan.slice_thickness_m,
-        "width_px": plan.width_px,
-        "height_px": plan.height_px,
+        "pixel_size_m": img.pixel_size_m,
+        "slice_thickness_m": recipe.run.slice_thickness_m,
+        "width_px": img.width_px,
+        "height_px": img.height_px,
         "preset": preset,
         "seed": seed,
         "geometry": geometry,
-        "pt_infiltration": plan.pt_every > 0,
-        "imaging": {
-            "voltage_v": plan.voltage_v,
-            "current_a": plan.imaging_current_a,
-            "dwell_s": plan.dwell_s,
-        },
+        "pt_infiltration": recipe.pt.every_slices > 0,
+        "imaging": {"voltage_v": img.voltage_v, "current_a": img.current_a, "dwell_s": img.dwell_s},
         "generator": "kintsugi-sim dataset",
         "slices": slices,
     }
@@ -96,23 +121,25 @@ def export_dataset(
     cache_dir: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, dict[str, Any]]:
-    plan = CyclePlan(
-        slices=slices, width_px=width_px, height_px=height_px, pixel_size_m=pixel_size_m, geometry=geometry
-    )
+    recipe = _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=1)
     size = RunSize(
         width_px=width_px,
         height_px=height_px,
         pixel_size_m=pixel_size_m,
         slices=slices,
-        slice_thickness_m=plan.slice_thickness_m,
+        slice_thickness_m=recipe.run.slice_thickness_m,
     )
     manifests = {}
     for variant in VARIANTS:
-        variant_plan = plan if variant == "with-pt" else replace(plan, pt_every=0)
+        variant_recipe = (
+            recipe
+            if variant == "with-pt"
+            else _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=0)
+        )
         manifests[variant] = asyncio.run(
             _export_variant(
                 out / variant,
-                variant_plan,
+                variant_recipe,
                 size,
                 preset=preset,
                 seed=seed,

@@ -978,7 +978,7 @@ class Controller:
             if run.storage.slice_complete(index):
                 # Written before a crash that beat the journal: the files are the truth, do not re-image.
                 return {"files": run.storage.read_slice(index)["files"], "recovered": True}
-            acq = await cycle.image(self.instrument, recipe, run.face_m)
+            acq = await cycle.image(self.instrument, recipe)
             paths = await asyncio.to_thread(
                 run.storage.write_slice,
                 index,

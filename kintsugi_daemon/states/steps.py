@@ -8,6 +8,7 @@ happened, instead of guessing (and milling a slice twice).
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,10 @@ __all__ = [
     "POLISH_REMOVAL_M",
     "SEM_FIB_ANGLE_DEG",
     "Reconciliation",
+    "SliceOutcome",
     "acquire_request",
     "deposit",
+    "fixed_schedule",
     "image",
     "mill",
     "polish",
@@ -127,16 +130,36 @@ def acquire_request(recipe: Recipe) -> AcquireRequest:
     )
 
 
-async def image(instrument: DualBeam, recipe: Recipe, face_m: float) -> Acquisition:
+async def image(instrument: DualBeam, recipe: Recipe) -> Acquisition:
     if recipe.imaging.y_correction and recipe.run.geometry == "cross_section":
         # The beam meets the receding face lower each slice; shift it back to keep the region in view.
         state = await instrument.state()
-        shift_y = -face_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
+        shift_y = -state.face_position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
         limit = state.beam_shift_limit_m
         await instrument.set_beam_shift(
             BeamShift(x_m=state.beam_shift.x_m, y_m=max(min(shift_y, limit), -limit))
         )
     return await instrument.acquire(acquire_request(recipe))
+
+
+@dataclass(frozen=True)
+class SliceOutcome:
+    index: int
+    deposit: dict[str, Any] | None
+    mill: dict[str, Any]
+    polish: dict[str, Any] | None
+    acquisition: Acquisition
+
+
+async def fixed_schedule(instrument: DualBeam, recipe: Recipe) -> AsyncIterator[SliceOutcome]:
+    """The recipe's slices with the same step functions the daemon runs, without journal or state machine
+    (the simulator's dataset export). Each slice is yielded as soon as its images are in."""
+    for index in range(recipe.run.total_slices):
+        planned = steps_for_slice(recipe, index)
+        dep = await deposit(instrument, recipe) if "deposit_pt" in planned else None
+        milled = await mill(instrument, recipe, recipe.run.slice_thickness_m)
+        polished = await polish(instrument, recipe) if "polish" in planned else None
+        yield SliceOutcome(index, dep, milled, polished, await image(instrument, recipe))
 
 
 @dataclass(frozen=True)
