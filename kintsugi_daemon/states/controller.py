@@ -676,6 +676,8 @@ class Controller:
     async def _execute(self, index: int, step: str) -> None:
         run = self.run
         assert run is not None
+        # Every log line of this step carries the run, slice and step (structlog context of the run task).
+        structlog.contextvars.bind_contextvars(run_id=run.run_id, slice=index, step=step)
         params: dict[str, Any] = {"slice": index}
         reason = self.reason if self.state == "stopping" else None
         if step in cycle.DESTRUCTIVE:
