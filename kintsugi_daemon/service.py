@@ -92,6 +92,7 @@ class Service:
         )
         self._published_alerts: set[str] = set()
         self._last_slice: dict[str, Any] | None = None
+        self._last_metrics: dict[str, Any] | None = None
         self._pending: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
@@ -181,6 +182,11 @@ class Service:
         for gone in self._published_alerts - current:
             await self.link.clear_alert(gone)
         self._published_alerts = current
+        metrics = self.controller.last_metrics
+        if metrics and metrics is not self._last_metrics:
+            self._last_metrics = metrics
+            flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            await self.link.publish_metrics(flat)  # QoS 0, for Telegraf/Grafana
         latest = self.controller.latest_slice
         if latest is not None and latest is not self._last_slice:
             self._last_slice = latest

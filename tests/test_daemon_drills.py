@@ -270,3 +270,37 @@ async def test_operator_command_line(drill: Drill) -> None:
     finally:
         daemon.send_signal(signal.SIGTERM)
         await asyncio.wait_for(daemon.wait(), 30)
+
+
+async def test_segmentation_metrics_are_published_per_slice(drill: Drill) -> None:
+    """With the shipped model: each slice's metrics reach `metrics` (QoS 0) and `slices/latest`."""
+    recipe = RECIPE.replace("enabled = false", 'enabled = true\nmodel = "builtin"').replace(
+        "slices = 3", "slices = 2"
+    )
+    daemon = await drill.start_daemon("daemon.log")
+    try:
+        await drill.wait_for("idle")
+        metrics_seen: list[dict[str, object]] = []
+
+        subscribed = asyncio.Event()
+
+        def until_segmented(view: DaemonView) -> bool:
+            if view.status is not None:
+                subscribed.set()  # the retained status arrived: our subscription is live
+            if view.metrics and view.metrics not in metrics_seen:
+                metrics_seen.append(dict(view.metrics))
+            latest = view.latest_slice or {}
+            return latest.get("slice") == 1 and bool(latest.get("metrics"))
+
+        watcher = asyncio.create_task(drill.operator().watch(until_segmented, 120))
+        await asyncio.wait_for(subscribed.wait(), 10)  # subscribed before the run starts
+        assert (await drill.operator().command("start", {"recipe": recipe}))["accepted"]
+        view = await watcher
+        assert view.latest_slice is not None
+        assert 0.0 < float(view.latest_slice["metrics"]["porosity"]) < 1.0
+        assert any("porosity" in m for m in metrics_seen)
+        segmented = [e for e in view.events if e.get("type") == "kintsugi.segmented"]
+        assert segmented and "cbd_coverage" in segmented[-1]["data"]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(daemon.wait(), 30)

@@ -115,6 +115,7 @@ class Controller:
         self._guard_task: asyncio.Task[None] | None = None
         self._model: SegmentationModel | None = None
         self._segmenting: dict[int, asyncio.Task[None]] = {}
+        self._segmented: dict[int, dict[str, Any]] = {}  # slice -> metrics and files, until its checkpoint
         self._completions: dict[tuple[int, str], tuple[int, dict[str, Any], list[EventDraft]]] = {}
 
     # --- machine plumbing -------------------------------------------------------------------------
@@ -803,6 +804,10 @@ class Controller:
             "thickness_m": run.recipe.run.slice_thickness_m,
             "files": self._slice_files(index),
         }
+        segmented = self._segmented.pop(index, None)
+        if segmented is not None:  # segmentation beat the checkpoint (it usually runs into the next slice)
+            self.latest_slice["metrics"] = segmented["metrics"]
+            self.latest_slice["files"] |= segmented["files"]
         if run.next_slice % MANIFEST_EVERY == 0 or run.next_slice == run.total:
             run.storage.write_manifest(
                 self._manifest(None)
@@ -918,11 +923,14 @@ class Controller:
                 )
             ],
         )
-        if self.latest_slice is not None and self.latest_slice.get("slice") == index:
+        products = {"segmentation" if k == "record" else k: v for k, v in files.items()}
+        if run.next_slice <= index:  # not checkpointed yet: the checkpoint picks it up
+            self._segmented[index] = {"metrics": numeric, "files": products}
+        elif self.latest_slice is not None and self.latest_slice.get("slice") == index:
             self.latest_slice = {
                 **self.latest_slice,
                 "metrics": numeric,
-                "files": {**self.latest_slice.get("files", {}), **files},
+                "files": {**self.latest_slice.get("files", {}), **products},
             }
         self.on_change()
 
