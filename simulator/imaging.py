@@ -52,8 +52,8 @@ ELECTRONS_PER_PA_US = 6.24  # 1 pA for 1 us = 6.24 electrons
 DARK_NOISE = 8e-4  # amplifier noise in yield units: keeps black areas from being noise-free
 POISSON_BELOW = 20.0  # detected counts under which the Gaussian approximation of Poisson is poor
 SE_EDGE_GAIN = 2.0
-SE_PORE_BACK_LAMBDA_M = 0.3e-6  # SEs from a pore's back wall escape less than BSEs
-ION_PORE_BACK_LAMBDA_M = 0.2e-6
+SE_PORE_BACK_LAMBDA_M = 1.5e-6  # SEs from a pore's back wall escape the hole less well than BSEs
+ION_PORE_BACK_LAMBDA_M = 1.0e-6
 SE_CHARGING_GAIN = 0.4
 BSE_CHARGING_GAIN = 0.03
 

@@ -66,7 +66,7 @@ __all__ = ["DEPTH_AHEAD_VOX", "SimulatedDualBeam", "SimulatorSettings", "check_f
 
 T = TypeVar("T")
 
-DEPTH_AHEAD_VOX = 64  # planes behind the face the renderer may see through pores (2.6 um at 40 nm)
+DEPTH_AHEAD_VOX = 128  # planes behind the face the renderer may see through pores (5.1 um at 40 nm)
 SEM_FIB_ANGLE_DEG = 52.0
 BEAM_SHIFT_LIMIT_M = 10e-6
 AMBIENT_K = 294.0

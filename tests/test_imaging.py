@@ -162,6 +162,15 @@ def test_pore_back_fades_with_depth() -> None:
     assert values[0] > values[1] > values[2] > 0
 
 
+def test_pore_back_wall_reads_nearly_solid_at_1um() -> None:
+    # the beam crosses the pore in vacuum: a back wall 1 um behind the face keeps most of its signal
+    mat = np.full((60, 120, 60), M.NMC, np.uint8)
+    mat[:25, 20:, 10:50] = M.PORE
+    out = render(face_of(mat, geometry="planar"), conditions(60, 80), np.random.default_rng(0))
+    assert out.signal is not None
+    assert float(out.signal["cbs"][40:60, 20:40].mean()) > 0.5 * BACKSCATTER_YIELD[M.NMC]
+
+
 @pytest.mark.parametrize("geometry", ["cross_section", "planar"])
 def test_labels_aligned_with_image(geometry: str) -> None:
     mat = np.full((4, 300, 200), M.CBD, np.uint8)
