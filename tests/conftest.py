@@ -17,6 +17,11 @@ from kintsugi_daemon.sim_process import SimulatorProcess, start_simulator
 SMALL_SIM_ARGS = ("--slices", "12", "--width-px", "256", "--height-px", "192", "--seed", "3")
 
 
+def auth(sim: SimulatorProcess) -> dict[str, str]:
+    """Headers that carry the simulator's token."""
+    return {"Authorization": f"Bearer {sim.token}"}
+
+
 @pytest.fixture(scope="session")
 def sim_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shared = os.environ.get("KINTSUGI_SIM_CACHE")

@@ -54,7 +54,7 @@ from kintsugi_daemon.sim_process import SimulatorProcess
 from simulator.factory import RunSize, make_simulator
 from simulator.faults import FaultSpec
 from simulator.instrument import SimulatedDualBeam
-from tests.conftest import SimStarter
+from tests.conftest import SimStarter, auth
 
 AREA = Rectangle(center_x_m=0.0, center_y_m=0.0, width_m=12e-6, height_m=10e-6)
 SLOW_MILL = MillRequest(pattern="rectangle", area=AREA, slice_thickness_m=40e-9, current_a=1e-9, species="xe")
@@ -77,10 +77,6 @@ ACQUIRE = AcquireRequest(
     voltage_v=5000.0,
     current_a=5e-9,
 )
-
-
-def auth(sim: SimulatorProcess) -> dict[str, str]:
-    return {"Authorization": f"Bearer {sim.token}"}
 
 
 @pytest.fixture

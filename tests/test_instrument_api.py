@@ -25,6 +25,7 @@ from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.drivers.tiff_wire import decode_channels
 from kintsugi_daemon.sim_process import SimulatorProcess
 from simulator.materials import CANONICAL_CLASSES
+from tests.conftest import auth
 
 AREA = Rectangle(center_x_m=0.0, center_y_m=0.0, width_m=12e-6, height_m=10e-6)
 ACQUIRE = AcquireRequest(
@@ -36,10 +37,6 @@ ACQUIRE = AcquireRequest(
     voltage_v=5000.0,
     current_a=5e-9,
 )
-
-
-def auth(sim: SimulatorProcess) -> dict[str, str]:
-    return {"Authorization": f"Bearer {sim.token}"}
 
 
 async def ground_truth(sim: SimulatorProcess) -> np.ndarray:
