@@ -182,6 +182,9 @@ class SegmentationSettings(Strict):
     enabled: bool = True
     model: str = "builtin"  # or a path to an ONNX file
     threads: int | None = Field(default=None, ge=1, le=256)
+    # The model contract for a model exported without kintsugi.* metadata (Avizo, say), or overrides of
+    # it: classes, channels, normalisation, pixel_size_m, tile, halo, stride, layout (inference/contract.py).
+    metadata: dict[str, Any] | None = None
 
 
 class AdaptSettings(Strict):

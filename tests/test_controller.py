@@ -434,3 +434,37 @@ async def test_full_disk_suspends_before_anything_is_milled(harness: Harness) ->
     await harness.wait_state("done")
     run = harness.journal.run(reply["run_id"])
     assert run is not None and run.state == "stopped"
+
+
+async def test_model_without_metadata_runs_with_the_recipes_contract(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """An ONNX file without kintsugi.* props (an Avizo export, say) works when the recipe gives the contract."""
+    import json as jsonlib
+
+    import onnx
+
+    from tests.test_inference import build_threshold_model
+
+    path = build_threshold_model(tmp_path / "threshold.onnx", CENTRES)
+    model = onnx.load(str(path))
+    contract = {p.key.removeprefix("kintsugi."): jsonlib.loads(p.value) for p in model.metadata_props}
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
+    table = ", ".join(
+        f"{k} = {jsonlib.dumps(v)}"
+        for k, v in contract.items()
+        if k in ("tile", "halo", "stride", "layout", "pixel_size_m")
+    )
+    text = recipe(2, pt_every=1, segmentation=True, model=str(path))
+    text += (
+        f"\n[segmentation.metadata]\n{table.replace(', ', chr(10))}\n"
+        f"classes = {jsonlib.dumps(contract['classes'])}\nchannels = {jsonlib.dumps(contract['channels'])}\n"
+        "normalisation = [{mean = 0.0, std = 1.0}, {mean = 0.0, std = 1.0}]\n"
+    )
+    reply = await harness.controller.command("start", {"recipe": text})
+    await harness.wait_state("done")
+    segmented = [e for e in harness.journal.pending_events(1000) if e.type == "segmented"]
+    assert [e.data["slice"] for e in segmented] == [0, 1]
+    run_dir = harness.settings.data_root / reply["run_id"]
+    assert (run_dir / "slices" / "0001_labels.tif").is_file()

@@ -851,7 +851,9 @@ class Controller:
         if self._model is None:
             seg = run.recipe.segmentation
             path = SHIPPED_MODEL if seg.model == "builtin" else Path(seg.model)
-            model = await asyncio.to_thread(load_segmentation_model, path, threads=seg.threads)
+            model = await asyncio.to_thread(
+                load_segmentation_model, path, override=seg.metadata, threads=seg.threads
+            )
             img = run.recipe.imaging
             check_against_recipe(model.spec, img.detectors, REQUIRED_CLASSES, img.pixel_size_m)
             self._model = model
