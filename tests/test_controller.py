@@ -439,7 +439,7 @@ async def test_full_disk_suspends_before_anything_is_milled(harness: Harness) ->
 async def test_model_without_metadata_runs_with_the_recipes_contract(
     harness: Harness, tmp_path: Path
 ) -> None:
-    """An ONNX file without kintsugi.* props (an Avizo export, say) works when the recipe gives the contract."""
+    """An ONNX file without kintsugi.* props (an Avizo export) works when the recipe gives the contract."""
     import json as jsonlib
 
     import onnx
