@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 from kintsugi_daemon import timing_model as timing
 from kintsugi_daemon.config import Recipe
+from kintsugi_daemon.storage import estimate_slice_bytes
 
 __all__ = ["RunEstimate", "estimate_run", "slice_bytes"]
-
-TIFF_OVERHEAD_BYTES = 16_384  # header, metadata JSON, per-slice JSON
 
 
 @dataclass(frozen=True)
@@ -23,11 +22,9 @@ class RunEstimate:
 
 
 def slice_bytes(recipe: Recipe) -> int:
-    img = recipe.imaging
-    pixels = img.width_px * img.height_px
-    labels = pixels if recipe.segmentation.enabled else 0
-    preview = pixels * 3 // 4 if recipe.segmentation.enabled else 0  # PNG overlay, roughly
-    return pixels * 2 * len(img.detectors) + labels + preview + TIFF_OVERHEAD_BYTES
+    """Disk one slice of this recipe takes (storage's own estimate, so validate and the guard agree)."""
+    img, seg = recipe.imaging, recipe.segmentation.enabled
+    return estimate_slice_bytes(img.width_px, img.height_px, len(img.detectors), seg, with_preview=seg)
 
 
 def estimate_run(recipe: Recipe) -> RunEstimate:

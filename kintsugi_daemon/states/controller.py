@@ -30,7 +30,7 @@ from kintsugi_daemon.drivers.base import (
     InstrumentError,
     InstrumentFault,
 )
-from kintsugi_daemon.estimate import estimate_run
+from kintsugi_daemon.estimate import estimate_run, slice_bytes
 from kintsugi_daemon.inference.contract import (
     SHIPPED_MODEL,
     ModelError,
@@ -45,7 +45,7 @@ from kintsugi_daemon.journal import EventDraft, Journal
 from kintsugi_daemon.states import steps as cycle
 from kintsugi_daemon.states.guards import Guards
 from kintsugi_daemon.states.table import build_machine
-from kintsugi_daemon.storage import DiskFull, RunStorage, estimate_slice_bytes
+from kintsugi_daemon.storage import DiskFull, RunStorage
 
 __all__ = ["ActiveRun", "CommandRefused", "Controller"]
 
@@ -495,15 +495,7 @@ class Controller:
         assert run is not None
         state = await self.instrument.state()
         identity = await self.instrument.identity()
-        needed = (
-            estimate_slice_bytes(
-                run.recipe.imaging.width_px,
-                run.recipe.imaging.height_px,
-                len(run.recipe.imaging.detectors),
-                run.recipe.segmentation.enabled,
-            )
-            * run.total
-        )
+        needed = slice_bytes(run.recipe) * run.total
         self._guards = Guards(run.recipe.guards)
         self.journal.publish(
             [
@@ -694,15 +686,7 @@ class Controller:
             elif step == "polish":
                 params["passes"] = run.recipe.polish.passes
         if step == "image":
-            run.storage.ensure_space(
-                estimate_slice_bytes(
-                    run.recipe.imaging.width_px,
-                    run.recipe.imaging.height_px,
-                    len(run.recipe.imaging.detectors),
-                    run.recipe.segmentation.enabled,
-                ),
-                run.recipe.guards.min_free_disk_bytes // 2,
-            )
+            run.storage.ensure_space(slice_bytes(run.recipe), run.recipe.guards.min_free_disk_bytes // 2)
         if step == "segment":
             await self._fire("begin_segment", reason=reason)
             self.step = step
