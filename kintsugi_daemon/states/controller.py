@@ -43,7 +43,7 @@ from kintsugi_daemon.inference.overlay import overlay
 from kintsugi_daemon.inference.tiling import segment as run_segmentation
 from kintsugi_daemon.journal import EventDraft, Journal
 from kintsugi_daemon.states import steps as cycle
-from kintsugi_daemon.states.guards import Guards
+from kintsugi_daemon.states.guards import GuardReading, Guards
 from kintsugi_daemon.states.table import build_machine
 from kintsugi_daemon.storage import DiskFull, RunStorage
 
@@ -580,13 +580,10 @@ class Controller:
         """Check the guards; suspend (and wait for them to settle) if one trips. True: now suspended."""
         if self._guards is None or self.run is None:
             return False
-        try:
-            state = await self.instrument.state()
-        except InstrumentError:
+        checked = await self._check_guards()
+        if checked is None:
             return False
-        needs_gis = "deposit_pt" in cycle.steps_for_slice(self.run.recipe, self.run.next_slice)
-        readings = self._guards.evaluate(state, self.run.storage.free_bytes(), needs_gis=needs_gis)
-        newly, _ = self._guards.update(readings, time.monotonic())
+        newly, _ = checked
         if not self._guards.tripped:
             return False
         for r in newly:
@@ -602,6 +599,17 @@ class Controller:
             self._guard_task = asyncio.create_task(self._watch_guards(), name="kintsugi-guards")
         return True
 
+    async def _check_guards(self) -> tuple[list[GuardReading], bool] | None:
+        """Read the instrument and update the guards: (newly tripped, settled clear); None if unreadable."""
+        assert self._guards is not None and self.run is not None
+        try:
+            state = await self.instrument.state()
+        except InstrumentError:
+            return None
+        needs_gis = "deposit_pt" in cycle.steps_for_slice(self.run.recipe, self.run.next_slice)
+        readings = self._guards.evaluate(state, self.run.storage.free_bytes(), needs_gis=needs_gis)
+        return self._guards.update(readings, time.monotonic())
+
     async def _watch_guards(self) -> None:
         assert self._guards is not None and self.run is not None
         poll = self.run.recipe.guards.poll_s
@@ -611,13 +619,10 @@ class Controller:
                 await asyncio.wait_for(self._wake.wait(), poll)
             if self.state != "suspended":
                 return
-            try:
-                state = await self.instrument.state()
-            except InstrumentError:
+            checked = await self._check_guards()
+            if checked is None:
                 continue
-            needs_gis = "deposit_pt" in cycle.steps_for_slice(self.run.recipe, self.run.next_slice)
-            readings = self._guards.evaluate(state, self.run.storage.free_bytes(), needs_gis=needs_gis)
-            _, settled = self._guards.update(readings, time.monotonic())
+            _, settled = checked
             for name in [a for a in self.alerts if a.startswith("guard_")]:
                 if name.removeprefix("guard_") not in self._guards.tripped:
                     self._clear_alert(name)
