@@ -27,11 +27,11 @@ from typing import Any
 import psutil
 
 from kintsugi_daemon.config import DaemonSettings, parse_recipe
+from kintsugi_daemon.demo.simulator_process import start_simulator
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.estimate import estimate_run
-from kintsugi_daemon.journal import Journal
-from kintsugi_daemon.service import configure_logging
-from kintsugi_daemon.sim_process import start_simulator
+from kintsugi_daemon.service.journal import Journal
+from kintsugi_daemon.service.wiring import configure_logging
 from kintsugi_daemon.states.controller import Controller
 
 RECIPE = """

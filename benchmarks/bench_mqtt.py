@@ -22,20 +22,21 @@ from pathlib import Path
 
 import aiomqtt
 
-from kintsugi_daemon.events import Command, CommandReply, Description, Status, Topics
-from kintsugi_daemon.journal import EventDraft, Journal
-from kintsugi_daemon.mqtt import MqttLink, MqttSettings
-from tests.mqtt_broker import USERS, Broker, mosquitto_available
+from kintsugi_daemon.demo.broker import ROLES, LocalBroker, mosquitto_binaries
+from kintsugi_daemon.service.journal import EventDraft, Journal
+from kintsugi_daemon.service.messages import Command, CommandReply, Description, Status, Topics
+from kintsugi_daemon.service.mqtt_link import MqttLink, MqttSettings
 
 LATENCY_P99_TARGET_MS = 20.0
 INSTRUMENT = "bench"
+USERS: dict[str, str] = {user: f"{user}-bench-secret" for user in ROLES}
 
 
 @dataclass
 class Subscriber:
     """A monitoring tool: persistent session, QoS 1, reconnects by itself after a broker outage."""
 
-    broker: Broker
+    broker: LocalBroker
     received: list[tuple[int, float]] = field(default_factory=list)  # (seq, perf_counter at receipt)
     packet_ids: list[int] = field(default_factory=list)  # MQTT packet id of each delivery
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -79,8 +80,9 @@ async def _refuse(verb: str, command: Command) -> CommandReply:
 
 
 @asynccontextmanager
-async def setup(directory: Path) -> AsyncIterator[tuple[Broker, Journal, MqttLink, Subscriber]]:
-    broker = Broker(directory / "broker")
+async def setup(directory: Path) -> AsyncIterator[tuple[LocalBroker, Journal, MqttLink, Subscriber]]:
+    # Mosquitto only, persistence on: the outage figure needs its persistent sessions across a restart.
+    broker = LocalBroker(directory / "broker", embedded=False, passwords=USERS, persistence=True)
     broker.start()
     journal = Journal(directory / "journal.sqlite", session="bench")
     link = MqttLink(
@@ -226,7 +228,7 @@ def main() -> None:
     parser.add_argument("--rate-hz", type=float, default=50.0, help="event rate during the outage run")
     parser.add_argument("--lead-s", type=float, default=2.0, help="events before and after the outage")
     args = parser.parse_args()
-    if not mosquitto_available():
+    if mosquitto_binaries() is None:
         raise SystemExit("mosquitto and mosquitto_passwd are needed (apt install mosquitto)")
     asyncio.run(latency(args.events, args.interval_ms / 1e3))
     if args.outage_s > 0:

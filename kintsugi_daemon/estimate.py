@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kintsugi_daemon import timing_model as timing
+from kintsugi_daemon import instrument as timing
 from kintsugi_daemon.config import Recipe
-from kintsugi_daemon.storage import estimate_slice_bytes
+from kintsugi_daemon.service.storage import estimate_slice_bytes
 
 __all__ = ["RunEstimate", "estimate_run", "slice_bytes"]
 

@@ -15,9 +15,9 @@ from kintsugi_daemon.drivers.server import build_app, check_bind, listen_socket,
 from simulator.dataset import export_dataset
 from simulator.factory import RunSize, make_simulator
 from simulator.faults import parse_fault_flag
+from simulator.inspection_api import test_router
 from simulator.instrument import check_fault_applicable
 from simulator.specimen import PRESETS
-from simulator.test_api import test_router
 
 __all__ = ["main"]
 

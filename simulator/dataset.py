@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from kintsugi_daemon.atomic import write_json_atomic, write_tiff_atomic
 from kintsugi_daemon.config import Recipe
+from kintsugi_daemon.service.atomic import write_json_atomic, write_tiff_atomic
 from kintsugi_daemon.states.steps import fixed_schedule
 from simulator.factory import RunSize, make_simulator
 from simulator.materials import CANONICAL_CLASSES

@@ -19,7 +19,7 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from kintsugi_daemon import timing_model as timing
+from kintsugi_daemon import instrument as timing
 from kintsugi_daemon.drivers.base import Aborted as AbortedError
 from kintsugi_daemon.drivers.base import (
     AcquireRequest,

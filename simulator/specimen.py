@@ -35,7 +35,7 @@ import numpy.typing as npt
 from scipy import ndimage
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-from kintsugi_daemon.atomic import write_atomic, write_json_atomic
+from kintsugi_daemon.service.atomic import write_atomic, write_json_atomic
 from simulator.materials import Material
 
 __all__ = [

@@ -41,11 +41,11 @@ from kintsugi_daemon.inference.contract import load_model as load_segmentation_m
 from kintsugi_daemon.inference.metrics import slice_metrics
 from kintsugi_daemon.inference.overlay import overlay
 from kintsugi_daemon.inference.tiling import segment as run_segmentation
-from kintsugi_daemon.journal import EventDraft, Journal
+from kintsugi_daemon.service.journal import EventDraft, Journal
+from kintsugi_daemon.service.storage import DiskFull, RunStorage
 from kintsugi_daemon.states import steps as cycle
 from kintsugi_daemon.states.guards import GuardReading, Guards
 from kintsugi_daemon.states.table import build_machine
-from kintsugi_daemon.storage import DiskFull, RunStorage
 
 __all__ = ["ActiveRun", "CommandRefused", "Controller"]
 

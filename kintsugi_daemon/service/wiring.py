@@ -1,0 +1,242 @@
+"""`kintsugi serve`: wires journal, instrument client, run controller and MQTT link into one service.
+
+Start-up: open the journal, recover a run a crash left behind (the daemon comes back paused, reason
+`recovered`), connect MQTT, then tell systemd READY. The watchdog is fed from a task on the event loop,
+so a blocked loop stops feeding it and systemd restarts us. SIGTERM pauses the run at the next step
+boundary (the step in progress finishes or is safely stopped), then the daemon says `offline` and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from kintsugi_daemon import __version__
+from kintsugi_daemon.config import DaemonSettings
+from kintsugi_daemon.drivers.http_client import HttpDualBeam
+from kintsugi_daemon.service.journal import Journal
+from kintsugi_daemon.service.messages import (
+    Alert,
+    Command,
+    CommandReply,
+    Description,
+    Progress,
+    SliceSummary,
+    Status,
+)
+from kintsugi_daemon.service.mqtt_link import MqttLink
+from kintsugi_daemon.service.mqtt_link import MqttSettings as LinkSettings
+from kintsugi_daemon.service.sdnotify import notify, watchdog_interval_s
+from kintsugi_daemon.states.controller import CommandRefused, Controller
+from kintsugi_daemon.states.table import STATES
+
+__all__ = ["Service", "configure_logging", "run_service"]
+
+log = structlog.get_logger("kintsugi.service")
+
+SHUTDOWN_STEP_WAIT_S = 900.0  # how long SIGTERM waits for the step in progress before stopping it
+
+
+def configure_logging(level: str, json_output: bool) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stdout, format="%(message)s")
+    # Library chatter (every HTTP request, every transition callback) would drown the JSON log.
+    for noisy in ("httpx", "httpcore", "transitions"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+class Service:
+    def __init__(self, settings: DaemonSettings, *, session: str | None = None) -> None:
+        self.settings = settings
+        self.session = session or uuid.uuid4().hex[:12]
+        settings.data_root.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(settings.journal_file, self.session)
+        inst = settings.instrument
+        self.instrument = HttpDualBeam(
+            inst.url, token=inst.resolved_token(), deadline_scale=inst.deadline_scale
+        )
+        self.controller = Controller(
+            instrument=self.instrument, journal=self.journal, settings=settings, on_change=self._changed
+        )
+        m = settings.mqtt
+        self.link = MqttLink(
+            LinkSettings(
+                instrument_id=settings.instrument_id,
+                host=m.host,
+                port=m.port,
+                username=m.username,
+                password=m.resolved_password(),
+                tls=m.tls,
+                ca_file=m.ca_file,
+                client_id=m.client_id,
+                keepalive_s=m.keepalive_s,
+            ),
+            self.journal,
+            status_provider=self._status,
+            description_provider=self._description,
+            command_handler=self._command,
+            progress_provider=self._progress,
+            alerts_provider=self._alerts,
+        )
+        self._published_alerts: set[str] = set()
+        self._last_slice: dict[str, Any] | None = None
+        self._last_metrics: dict[str, Any] | None = None
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+
+    # --- providers for the MQTT link --------------------------------------------------------------
+
+    def _status(self) -> Status:
+        c = self.controller
+        return Status(
+            state="online",
+            path=c.state,
+            session=self.session,
+            since=c.since,
+            ts=time.time(),
+            run_id=c.run.run_id if c.run else None,
+            reason=c.reason,
+        )
+
+    def _description(self) -> Description:
+        states = [s if isinstance(s, str) else s["name"] for s in STATES]
+        run = self.controller.run
+        detectors: list[str] = list(run.recipe.imaging.detectors) if run else []
+        return Description(
+            instrument_id=self.settings.instrument_id,
+            version=__version__,
+            states=states,
+            detectors=detectors,
+            model=None,
+        )
+
+    def _progress(self) -> Progress | None:
+        p = self.controller.progress()
+        return None if p is None else Progress(ts=time.time(), **p)
+
+    def _alerts(self) -> list[Alert]:
+        return [Alert(**a) for a in self.controller.alerts.values()]
+
+    async def _command(self, verb: str, command: Command) -> CommandReply:
+        args = command.model_dump(exclude={"command_id", "sent_at"})
+        if verb == "start" and args.get("recipe_path"):
+            try:
+                with open(args.pop("recipe_path")) as fh:
+                    args["recipe"] = fh.read()
+            except OSError as exc:
+                return self._reply(command, verb, f"cannot read recipe_path: {exc}")
+        try:
+            await self.controller.command(verb, args)
+        except CommandRefused as exc:
+            return self._reply(command, verb, str(exc))
+        return self._reply(command, verb, None)
+
+    def _reply(self, command: Command, verb: str, error: str | None) -> CommandReply:
+        return CommandReply(
+            command_id=command.command_id,
+            verb=verb,
+            accepted=error is None,
+            error=error,
+            state=self.controller.state,
+            ts=time.time(),
+        )
+
+    # --- change propagation -----------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self.link.notify()
+        self._spawn(self._publish_retained())
+        c = self.controller
+        p = c.progress()
+        where = f"slice {p['slice']}/{p['total']} {p['step'] or ''}" if p else ""
+        notify(status=f"{c.state} {where}".strip())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish_retained(self) -> None:
+        if not self.link.connected:
+            return  # re-asserted from the providers on the next connect
+        await self.link.publish_status()
+        progress = self._progress()
+        if progress is not None:
+            await self.link.publish_progress(progress)
+        current = set(self.controller.alerts)
+        for alert in self._alerts():
+            if alert.id not in self._published_alerts:
+                await self.link.publish_alert(alert)
+        for gone in self._published_alerts - current:
+            await self.link.clear_alert(gone)
+        self._published_alerts = current
+        metrics = self.controller.last_metrics
+        if metrics and metrics is not self._last_metrics:
+            self._last_metrics = metrics
+            flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            await self.link.publish_metrics(flat)  # QoS 0, for Telegraf/Grafana
+        latest = self.controller.latest_slice
+        if latest is not None and latest is not self._last_slice:
+            self._last_slice = latest
+            await self.link.publish_retained("slices/latest", SliceSummary(**latest))
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        interval = watchdog_interval_s()
+        if interval is None:
+            return
+        while True:
+            notify(watchdog="1")  # sent only while the loop runs: a stuck loop stops feeding it
+            await asyncio.sleep(interval)
+
+    def request_shutdown(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_shutdown)
+        await self.controller.boot()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                link_task = tg.create_task(self.link.run(), name="mqtt")
+                watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                notify(ready="1", status=f"{self.controller.state}")
+                log.info("ready", state=self.controller.state, session=self.session)
+                await self._stopping.wait()
+                notify(stopping="1")
+                await self.controller.shutdown(SHUTDOWN_STEP_WAIT_S)
+                self.link.close()  # drains the outbox, then publishes `offline` before disconnecting
+                await link_task
+                watchdog.cancel()
+        finally:
+            await self.controller.close()
+            await self.instrument.aclose()
+            self.journal.close()
+            log.info("stopped")
+
+
+async def run_service(settings: DaemonSettings) -> None:
+    await Service(settings).run()
