@@ -21,6 +21,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
+from kintsugi_daemon.instrument import SIN_SEM_FIB  # noqa: E402
 from simulator.imaging import (  # noqa: E402
     DetectorSetting,
     FaceView,
@@ -49,7 +50,7 @@ TARGETS: dict[str, tuple[str, str]] = {
 def synthetic_face(rng: np.random.Generator) -> FaceView:
     """A cathode-like block: NMC spheres (some cracked), a CBD excursion set, pores, an Al collector at
     the bottom, Pt in the pores of the upper part plus a cap. Independent of simulator.specimen."""
-    rows = math.ceil(HEIGHT * PIXEL_M / math.sin(math.radians(52)) / VOXEL_M) + 40
+    rows = math.ceil(HEIGHT * PIXEL_M / SIN_SEM_FIB / VOXEL_M) + 40
     cols = WIDTH + 8
     shape = (DEPTH_AHEAD, rows, cols)
     top = 40  # vacuum rows above the specimen, of which the lowest carry the Pt cap

@@ -33,12 +33,12 @@ def estimate_run(recipe: Recipe) -> RunEstimate:
     mill = timing.mill_time_s(volume, recipe.mill.current_a, recipe.mill.species, recipe.mill.application)
     polish = 0.0
     if recipe.polish.passes:
-        polish_volume = roi.width_m * roi.height_m * 5e-9 * recipe.polish.passes
+        polish_volume = roi.width_m * roi.height_m * timing.POLISH_REMOVAL_M * recipe.polish.passes
         polish = timing.mill_time_s(polish_volume, recipe.polish.current_a, recipe.mill.species, "si")
         polish += 2.0 * recipe.polish.passes
     deposit = 0.0
     if recipe.pt.every_slices:
-        warmup = max(recipe.pt.gis_temperature_k - 294.0, 0.0)
+        warmup = max(recipe.pt.gis_temperature_k - timing.AMBIENT_K, 0.0)
         deposit = timing.deposit_time_s(recipe.pt.thickness_m, recipe.pt.beam, warmup, gis_inserted=False)
         deposit /= recipe.pt.every_slices
     frame = timing.frame_time_s(img.width_px, img.height_px, img.dwell_s, img.line_integration)

@@ -1,15 +1,24 @@
-"""Instrument time for each operation (DOMAIN.md timing model), in seconds.
+"""The DualBeam's fixed figures and the time each operation takes (DOMAIN.md timing model).
 
-One model, two users: the simulator charges it as instrument time (sleeping `time * time_scale` real
-seconds), and the daemon uses it for ETAs and `kintsugi validate`.
+One home, three users: the simulator behaves by these numbers (and charges the timing model as instrument
+time, sleeping `time * time_scale` real seconds), the daemon computes beam shifts and judges interrupted
+steps with them, and the estimator uses them for ETAs and `kintsugi validate`.
 """
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
+    "AMBIENT_K",
     "AUTO_FUNCTION_S",
+    "BEAM_SHIFT_LIMIT_M",
     "GAS_SWITCH_S",
+    "GIS_MIN_OPERATING_K",
     "MILL_YIELD_UM3_PER_NC",
+    "POLISH_REMOVAL_M",
+    "SEM_FIB_ANGLE_DEG",
+    "SIN_SEM_FIB",
     "deposit_time_s",
     "edx_time_s",
     "frame_time_s",
@@ -17,6 +26,15 @@ __all__ = [
     "mill_time_s",
     "stage_move_time_s",
 ]
+
+# Geometry: the electron column sits at 52 deg to the ion column; a cross-section face (milled parallel to
+# the ion beam) is seen by the SEM foreshortened by sin(52 deg).
+SEM_FIB_ANGLE_DEG = 52.0
+SIN_SEM_FIB = math.sin(math.radians(SEM_FIB_ANGLE_DEG))
+BEAM_SHIFT_LIMIT_M = 10e-6  # electron beam shift range each way
+AMBIENT_K = 294.0  # chamber temperature: an unheated GIS precursor sits here
+GIS_MIN_OPERATING_K = 300.0  # Pt precursor below this does not flow enough to deposit
+POLISH_REMOVAL_M = 5e-9  # face removed per low-current polish pass (nominal)
 
 # Sputter yield per unit charge (um^3/nC) by species and application. Xe on Si ~0.53 reproduces the
 # DOMAIN.md example (40 um^3 at 15 nA in ~5 s); O+ mills carbon-rich material fast (est.).

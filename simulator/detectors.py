@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from kintsugi_daemon.instrument import SEM_FIB_ANGLE_DEG, SIN_SEM_FIB
 from simulator.materials import BACKSCATTER_YIELD, ELECTRON_RANGE_5KV_M, Material
 
 __all__ = [
@@ -36,8 +37,8 @@ Geometry = Literal["cross_section", "planar"]
 
 # The SEM column is 52 deg from the ion column; in cross-section geometry the electron beam meets the
 # (vertical) face 38 deg from its normal, so images are foreshortened along y by sin(52 deg).
-SIN_52 = math.sin(math.radians(52.0))
-BEAM_TILT_FROM_NORMAL_DEG = 38.0
+SIN_52 = SIN_SEM_FIB
+BEAM_TILT_FROM_NORMAL_DEG = 90.0 - SEM_FIB_ANGLE_DEG
 
 # Through an unfilled pore the beam travels in vacuum and lands on the pore's back wall, which emits nearly
 # like an exposed surface: the loss with depth is collection (the pore walls shadow the detector), not

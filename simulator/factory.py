@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kintsugi_daemon.instrument import SEM_FIB_ANGLE_DEG
 from simulator.faults import FaultSpec
 from simulator.instrument import SimulatedDualBeam, SimulatorSettings
 from simulator.specimen import PRESETS, SpecimenParams, build_specimen, default_cache_dir
 
 __all__ = ["RunSize", "make_simulator", "specimen_params"]
 
-SEM_FIB_ANGLE_DEG = 52.0
 MARGIN_VOX = 16
 
 

@@ -49,6 +49,13 @@ from kintsugi_daemon.drivers.base import (
     StagePosition,
     StopResult,
 )
+from kintsugi_daemon.instrument import (
+    AMBIENT_K,
+    BEAM_SHIFT_LIMIT_M,
+    GIS_MIN_OPERATING_K,
+    POLISH_REMOVAL_M,
+    SEM_FIB_ANGLE_DEG,
+)
 from simulator.faults import FaultPlan, FaultSpec
 from simulator.imaging import (
     DetectorSetting,
@@ -67,11 +74,6 @@ __all__ = ["DEPTH_AHEAD_VOX", "SimulatedDualBeam", "SimulatorSettings", "check_f
 T = TypeVar("T")
 
 DEPTH_AHEAD_VOX = 128  # planes behind the face the renderer may see through pores (5.1 um at 40 nm)
-SEM_FIB_ANGLE_DEG = 52.0
-BEAM_SHIFT_LIMIT_M = 10e-6
-AMBIENT_K = 294.0
-GIS_MIN_OPERATING_K = 300.0
-POLISH_REMOVAL_M = 5e-9  # per pass
 CAP_EROSION_PER_MILL_M = 2e-9
 DRIFT_NM_PER_SQRT_S = 0.4  # random walk: ~3 nm after a minute
 POST_MILL_JUMP_M = 25e-9

@@ -25,11 +25,10 @@ from kintsugi_daemon.drivers.base import (
     PolishRequest,
     Rectangle,
 )
+from kintsugi_daemon.instrument import POLISH_REMOVAL_M, SEM_FIB_ANGLE_DEG
 
 __all__ = [
     "DESTRUCTIVE",
-    "POLISH_REMOVAL_M",
-    "SEM_FIB_ANGLE_DEG",
     "Reconciliation",
     "SliceOutcome",
     "acquire_request",
@@ -43,8 +42,6 @@ __all__ = [
 ]
 
 DESTRUCTIVE = frozenset({"deposit_pt", "mill", "polish"})
-SEM_FIB_ANGLE_DEG = 52.0
-POLISH_REMOVAL_M = 5e-9  # per pass, the instrument's nominal figure
 
 
 def steps_for_slice(recipe: Recipe, index: int) -> list[str]:
