@@ -382,7 +382,7 @@ async def test_immediate_pause_stops_the_mill_and_finishes_it_after_resume(
         assert h.recorder.commands()[6:] == [*SLICE]  # the mill is finished, then the slice goes on
         mills = [s for s in h.journal.steps(reply["run_id"], 1) if s.step == "mill"]
         assert [m.ok for m in mills] == [False, True]
-        assert mills[1].params["thickness_m"] < 40e-9  # only what was left of the slice
+        assert mills[1].params["request"]["slice_thickness_m"] < 40e-9  # only what was left of the slice
     finally:
         await close_harness(h, client, cm)
 
