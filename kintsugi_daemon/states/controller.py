@@ -16,12 +16,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from kintsugi_daemon.config import DaemonSettings, parse_recipe
+from kintsugi_daemon.config import DaemonSettings
 from kintsugi_daemon.drivers.base import (
     Aborted,
     CommsLost,
@@ -31,7 +30,7 @@ from kintsugi_daemon.drivers.base import (
     InstrumentFault,
 )
 from kintsugi_daemon.service.journal import EventDraft, Journal
-from kintsugi_daemon.service.storage import DiskFull, RunStorage
+from kintsugi_daemon.service.storage import DiskFull
 from kintsugi_daemon.states import commands, recovery, steps
 from kintsugi_daemon.states.alerts import Alerts
 from kintsugi_daemon.states.checkpoint import (
@@ -47,7 +46,7 @@ from kintsugi_daemon.states.preflight import preflight_problem
 from kintsugi_daemon.states.run import ActiveRun, CommandRefused, Interrupted, Refused
 from kintsugi_daemon.states.segmentation import SegmentationPipeline
 from kintsugi_daemon.states.step_journal import Completions, record_failure
-from kintsugi_daemon.states.table import build_machine
+from kintsugi_daemon.states.table import build_machine, destination
 
 __all__ = ["ActiveRun", "CommandRefused", "Controller"]
 
@@ -128,7 +127,7 @@ class Controller:
         drafts = list(events or [])
         if event_type is not None:
             drafts.append(EventDraft(type=event_type, data={"reason": reason, **(data or {})}, run_id=run_id))
-        dest = self._destination(trigger)
+        dest = destination(self.machine, trigger, self.state, active_run=self.has_active_run())
         with self.journal.transaction():
             self.completions.flush()
             self.journal.set_state(dest, reason, run_id, events=drafts)
@@ -137,20 +136,6 @@ class Controller:
         self.since = time.time()
         log.info("state", state=self.state, trigger=trigger, reason=reason, run_id=run_id)
         self.on_change()
-
-    def _destination(self, trigger: str) -> str:
-        for transition in self.machine.get_transitions(trigger, source=self.state):
-            dest = transition.dest
-            if dest is not None:
-                if trigger == "clear":
-                    return "paused" if self.has_active_run() else "idle"
-                return str(dest)
-        # A child state (running.mill) matches transitions declared on its parent.
-        parent = self.state.split(".")[0]
-        for transition in self.machine.get_transitions(trigger, source=parent):
-            if transition.dest is not None:
-                return str(transition.dest)
-        return self.state
 
     def status(self) -> dict[str, Any]:
         return {
@@ -171,19 +156,7 @@ class Controller:
         if record is None:
             await self.fire("booted", reason="started")
             return
-        recipe = parse_recipe(
-            Path(self.settings.data_root / record.run_id / "recipe.toml").read_text(),
-            f"run {record.run_id} recipe",
-        )
-        storage = RunStorage(self.settings.data_root, record.run_id, create=False)
-        checkpoint = self.journal.last_checkpoint(record.run_id)
-        self.run = ActiveRun(
-            record.run_id,
-            recipe,
-            storage,
-            record.total_slices,
-            next_slice=checkpoint[0] + 1 if checkpoint else 0,
-        )
+        self.run = recovery.load_run(self.journal, self.settings.data_root, record)
         await self.fire("recover", reason="recovered", event_type="recovering")
         try:
             await recovery.reconcile_open_steps(self.journal, self.instrument, self.run)
@@ -275,7 +248,7 @@ class Controller:
     async def _fault(self, exc: BaseException, *, where: str) -> None:
         message = f"{where}: {type(exc).__name__}: {exc}"
         self.alert_board.raise_("fault", "critical", message)
-        if await self.may_fault():  # type: ignore[attr-defined]
+        if await self.may("fault"):
             await self.fire(
                 "fault", reason=message, event_type="fault", data={"step": where, "error": type(exc).__name__}
             )

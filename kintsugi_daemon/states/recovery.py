@@ -4,19 +4,40 @@ instrument (its journaled request against what the instrument shows now), never 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import structlog
 
+from kintsugi_daemon.config import parse_recipe
 from kintsugi_daemon.drivers.base import DualBeam, InstrumentState
-from kintsugi_daemon.service.journal import EventDraft, Journal, StepRecord
+from kintsugi_daemon.service.journal import EventDraft, Journal, RunRecord, StepRecord
+from kintsugi_daemon.service.storage import RunStorage
 from kintsugi_daemon.states import steps
 from kintsugi_daemon.states.run import ActiveRun
 
-__all__ = ["RECONCILE_WAIT_S", "earlier_attempt_took_effect", "reconcile_open_steps", "remaining_thickness"]
+__all__ = [
+    "RECONCILE_WAIT_S",
+    "earlier_attempt_took_effect",
+    "judge",
+    "load_run",
+    "reconcile_open_steps",
+    "remaining_thickness",
+]
 
 log = structlog.get_logger("kintsugi.controller")
 
 RECONCILE_WAIT_S = 600.0
+
+
+def load_run(journal: Journal, data_root: Path, record: RunRecord) -> ActiveRun:
+    """The run a restarted daemon finds unfinished in the journal, from the slice after its checkpoint."""
+    recipe = parse_recipe(
+        (data_root / record.run_id / "recipe.toml").read_text(), f"run {record.run_id} recipe"
+    )
+    storage = RunStorage(data_root, record.run_id, create=False)
+    checkpoint = journal.last_checkpoint(record.run_id)
+    next_slice = checkpoint[0] + 1 if checkpoint else 0
+    return ActiveRun(record.run_id, recipe, storage, record.total_slices, next_slice=next_slice)
 
 
 def judge(rec: StepRecord, state: InstrumentState) -> steps.Reconciliation:
