@@ -22,10 +22,11 @@ from pathlib import Path
 
 import aiomqtt
 
+from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.demo.broker import ROLES, LocalBroker, mosquitto_binaries
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.service.messages import Command, CommandReply, Description, Status, Topics
-from kintsugi_daemon.service.mqtt_link import MqttLink, MqttSettings
+from kintsugi_daemon.service.mqtt_link import MqttLink
 
 LATENCY_P99_TARGET_MS = 20.0
 INSTRUMENT = "bench"
@@ -86,13 +87,8 @@ async def setup(directory: Path) -> AsyncIterator[tuple[LocalBroker, Journal, Mq
     broker.start()
     journal = Journal(directory / "journal.sqlite", session="bench")
     link = MqttLink(
-        MqttSettings(
-            instrument_id=INSTRUMENT,
-            host=broker.host,
-            port=broker.port,
-            username="daemon",
-            password=USERS["daemon"],
-        ),  # default backoff (0.5 .. 30 s): the replay time after an outage includes it
+        MqttSettings(host=broker.host, port=broker.port, username="daemon", password=USERS["daemon"]),
+        INSTRUMENT,  # default LinkTuning backoff (0.5 .. 10 s): the replay time after an outage includes it
         journal,
         status_provider=lambda: Status(state="online", path="running.mill", session="bench", ts=time.time()),
         description_provider=lambda: Description(

@@ -57,6 +57,8 @@ PositiveM = Annotated[float, Field(gt=0)]
 
 
 class MqttSettings(Strict):
+    """The broker connection (`[mqtt]`): one class for the daemon's link, the operator's client and tests."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
@@ -64,7 +66,8 @@ class MqttSettings(Strict):
     password_file: Path | None = None
     tls: bool = False
     ca_file: Path | None = None
-    client_id: str | None = None
+    client_id: str | None = None  # default kintsugi-daemon-<instrument_id>: a second daemon kicks the first
+    # The broker declares the daemon lost (Last Will) after 1.5 x keepalive of silence.
     keepalive_s: int = Field(default=30, ge=5, le=3600)
 
     def resolved_password(self) -> str | None:

@@ -1,6 +1,6 @@
 """`kintsugi-sim dataset`: one specimen sectioned twice, with and without Pt infiltration.
 
-Both variants run the daemon's fixed schedule (the same step functions) on the same specimen with the
+Both variants run the daemon's fixed schedule (its own requests and imaging) on the same specimen with the
 same random streams, so slice i of `with-pt/` and `without-pt/` show the same plane; only the Pt (and so
 pore contrast) differs. Every file is written atomically and the manifest last, so a folder with a
 `dataset.json` is complete.
@@ -9,13 +9,15 @@ pore contrast) differs. Every file is written atomically and the manifest last, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from kintsugi_daemon.config import Recipe
+from kintsugi_daemon.drivers.base import Acquisition, DualBeam
 from kintsugi_daemon.service.atomic import write_json_atomic, write_tiff_atomic
-from kintsugi_daemon.states.steps import fixed_schedule
+from kintsugi_daemon.states import steps
 from simulator.factory import RunSize, make_simulator
 from simulator.materials import CANONICAL_CLASSES
 
@@ -24,6 +26,25 @@ __all__ = ["VARIANTS", "export_dataset"]
 VARIANTS = ("with-pt", "without-pt")
 # The field of view's milled area: generous, so every FOV fits (it only sets the simulated mill time).
 ROI = {"width_m": 65e-6, "height_m": 55e-6}
+
+
+@dataclass(frozen=True)
+class SliceOutcome:
+    index: int
+    acquisition: Acquisition
+
+
+async def fixed_schedule(instrument: DualBeam, recipe: Recipe) -> AsyncIterator[SliceOutcome]:
+    """The recipe's slices with the daemon's own requests and imaging, without journal or state machine.
+    Each slice is yielded as soon as its images are in."""
+    for index in range(recipe.run.total_slices):
+        planned = steps.steps_for_slice(recipe, index)
+        if "deposit_pt" in planned:
+            await instrument.deposit_pt(steps.deposit_request(recipe))
+        await instrument.mill(steps.mill_request(recipe, recipe.run.slice_thickness_m))
+        if "polish" in planned:
+            await instrument.polish(steps.polish_request(recipe))
+        yield SliceOutcome(index, await steps.image(instrument, recipe))
 
 
 def _recipe(

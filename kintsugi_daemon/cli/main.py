@@ -21,7 +21,9 @@ COMMAND_MODULES = [
     "kintsugi_daemon.cli.segment",
     "kintsugi_daemon.cli.export",
     "kintsugi_daemon.cli.validate",
+    "kintsugi_daemon.cli.serve",
     "kintsugi_daemon.cli.operator",
+    "kintsugi_daemon.cli.monitor",
     "kintsugi_daemon.cli.train",
 ]
 

@@ -354,7 +354,7 @@ class _Children:
         return proc.returncode
 
 
-async def run_demo(opts: DemoOptions) -> int:
+async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linear script; left to demo work
     demo_id = datetime.now(UTC).strftime("demo-%Y%m%dT%H%M%SZ-") + secrets.token_hex(2)
     demo_dir = (opts.out / demo_id).resolve()
     logs, runs = demo_dir / "logs", demo_dir / "runs"

@@ -604,7 +604,7 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
+def train(cfg: TrainConfig, log: Log = print) -> TrainResult:  # noqa: C901, PLR0912, PLR0915 - split with training/
     """Train, validate per epoch, export ONNX with metadata, verify onnxruntime against torch, and
     optionally quantise. Deterministic for a given seed, data and thread count."""
     torch.set_num_threads(cfg.threads)

@@ -22,12 +22,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import aiomqtt
 from pydantic import BaseModel, ValidationError
 
+from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.service.messages import (
     COMMAND_MODELS,
     PROGRESS,
@@ -44,7 +44,7 @@ from kintsugi_daemon.service.messages import (
     envelope_from_outbox,
 )
 
-__all__ = ["CommandHandler", "MqttLink", "MqttSettings", "Outbox"]
+__all__ = ["CommandHandler", "LinkTuning", "MqttLink", "Outbox"]
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,9 @@ CommandHandler = Callable[[str, Command], Awaitable[CommandReply]]
 
 
 @dataclass(frozen=True)
-class MqttSettings:
-    instrument_id: str
-    host: str = "localhost"
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: Path | None = None  # None with tls: the system trust store
-    client_id: str | None = None  # default kintsugi-daemon-<instrument_id>: a second daemon kicks the first
-    keepalive_s: int = 15  # the broker declares us lost (Last Will) after 1.5 x keepalive of silence
+class LinkTuning:
+    """How the link paces itself; the connection itself is `config.MqttSettings` (the `[mqtt]` section)."""
+
     timeout_s: float = 10.0  # per MQTT operation (CONNACK, PUBACK, SUBACK)
     backoff_min_s: float = 0.5
     backoff_max_s: float = 10.0  # a daemon waits at most this long after the broker is back
@@ -103,6 +96,7 @@ class MqttLink:
     def __init__(
         self,
         settings: MqttSettings,
+        instrument_id: str,
         outbox: Outbox,
         *,
         status_provider: Callable[[], Status],
@@ -111,9 +105,12 @@ class MqttLink:
         progress_provider: Callable[[], Progress | None] = lambda: None,
         alerts_provider: Callable[[], Iterable[Alert]] | None = None,
         clock: Callable[[], float] = time.time,
+        tuning: LinkTuning = LinkTuning(),
     ) -> None:
         self.settings = settings
-        self.topics = Topics(settings.instrument_id)
+        self.tuning = tuning
+        self.instrument_id = instrument_id
+        self.topics = Topics(instrument_id)
         self._outbox = outbox
         self._status = status_provider
         self._description = description_provider
@@ -194,8 +191,8 @@ class MqttLink:
                 await self._connection()
                 return  # closed cleanly
             except aiomqtt.MqttError as exc:
-                s = self.settings
-                delay = min(s.backoff_max_s, s.backoff_min_s * 2**self._failures)
+                t = self.tuning
+                delay = min(t.backoff_max_s, t.backoff_min_s * 2**self._failures)
                 delay *= random.uniform(0.5, 1.0)  # jitter: a fleet of daemons must not reconnect in step
                 self._failures += 1
                 log.warning("mqtt: %s; reconnecting in %.1f s", exc, delay)
@@ -213,15 +210,17 @@ class MqttLink:
             s.host,
             s.port,
             username=s.username,
-            password=s.password,
-            identifier=s.client_id or f"kintsugi-daemon-{s.instrument_id}",
+            password=s.resolved_password(),
+            identifier=s.client_id or f"kintsugi-daemon-{self.instrument_id}",
             will=aiomqtt.Will(self.topics.status, _json(lost), qos=1, retain=True),
             clean_session=True,  # commands sent while we were away are stale anyway; events are ours
             keepalive=s.keepalive_s,
-            timeout=s.timeout_s,
+            timeout=self.tuning.timeout_s,
             tls_params=tls,
         )
-        client.pending_calls_threshold = s.window + 16  # a full window is normal, not worth a warning
+        client.pending_calls_threshold = (
+            self.tuning.window + 16
+        )  # a full window is normal, not worth a warning
         return client
 
     async def _connection(self) -> None:
@@ -279,7 +278,7 @@ class MqttLink:
     async def _say_offline(self, client: aiomqtt.Client, reason: str) -> None:
         status = self._status_now(state="offline", reason=reason)
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            async with asyncio.timeout(self.settings.timeout_s):
+            async with asyncio.timeout(self.tuning.timeout_s):
                 await client.publish(self.topics.status, _json(status), qos=1, retain=True)
 
     async def _set_retained(self, topic_suffix: str, payload: bytes) -> bool:
@@ -302,16 +301,16 @@ class MqttLink:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()  # before reading: a notify() during the read is not lost
-            batch = self._outbox.pending_events(self.settings.batch)
+            batch = self._outbox.pending_events(self.tuning.batch)
             if self._closing.is_set():
-                deadline = deadline or loop.time() + self.settings.shutdown_flush_s
+                deadline = deadline or loop.time() + self.tuning.shutdown_flush_s
                 if not batch or loop.time() > deadline:
                     return
-            for start in range(0, len(batch), self.settings.window):
-                await self._publish_window(client, batch[start : start + self.settings.window])
+            for start in range(0, len(batch), self.tuning.window):
+                await self._publish_window(client, batch[start : start + self.tuning.window])
             if not batch:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.settings.fallback_poll_s):
+                    async with asyncio.timeout(self.tuning.fallback_poll_s):
                         await self._wake.wait()
 
     async def _publish_window(self, client: aiomqtt.Client, events: Sequence[OutboxRecord]) -> None:
@@ -341,16 +340,12 @@ class MqttLink:
         try:
             if not event.topic or any(c in event.topic for c in "+#\0"):
                 raise ValueError(f"topic {event.topic!r} is not publishable")
-            return self.topics.full(event.topic), _json(
-                envelope_from_outbox(event, self.settings.instrument_id)
-            )
+            return self.topics.full(event.topic), _json(envelope_from_outbox(event, self.instrument_id))
         except (ValueError, TypeError) as exc:
             log.error("event seq %d sent as a placeholder: %s", event.seq, exc)
             data = {"type": str(event.type)[:100], "topic": str(event.topic)[:200], "error": str(exc)[:500]}
             stub = _Stub(event.seq, "unpublishable", event.run_id, event.session, event.time, data)
-            return self.topics.event(stub.type), _json(
-                envelope_from_outbox(stub, self.settings.instrument_id)
-            )
+            return self.topics.event(stub.type), _json(envelope_from_outbox(stub, self.instrument_id))
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -394,8 +389,8 @@ class MqttLink:
         return reply
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
-        if len(payload) > self.settings.max_command_bytes:
-            raise _Refused(f"payload of {len(payload)} bytes exceeds {self.settings.max_command_bytes}")
+        if len(payload) > self.tuning.max_command_bytes:
+            raise _Refused(f"payload of {len(payload)} bytes exceeds {self.tuning.max_command_bytes}")
         try:
             raw = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
@@ -406,11 +401,9 @@ class MqttLink:
 
     def _check_fresh(self, sent_at: float) -> None:
         age = self._clock() - sent_at
-        if age > self.settings.command_max_age_s:
-            raise _Refused(
-                f"stale command: sent {age:.0f} s ago (limit {self.settings.command_max_age_s:g} s)"
-            )
-        if -age > self.settings.command_max_future_s:
+        if age > self.tuning.command_max_age_s:
+            raise _Refused(f"stale command: sent {age:.0f} s ago (limit {self.tuning.command_max_age_s:g} s)")
+        if -age > self.tuning.command_max_future_s:
             raise _Refused(f"command sent_at is {-age:.0f} s in the future: check the sender's clock")
 
     def _refusal(self, command_id: str | None, verb: str, error: str) -> CommandReply:

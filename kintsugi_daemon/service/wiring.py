@@ -33,7 +33,6 @@ from kintsugi_daemon.service.messages import (
     Status,
 )
 from kintsugi_daemon.service.mqtt_link import MqttLink
-from kintsugi_daemon.service.mqtt_link import MqttSettings as LinkSettings
 from kintsugi_daemon.service.sdnotify import notify, watchdog_interval_s
 from kintsugi_daemon.states.controller import CommandRefused, Controller
 from kintsugi_daemon.states.table import STATES
@@ -78,19 +77,9 @@ class Service:
         self.controller = Controller(
             instrument=self.instrument, journal=self.journal, settings=settings, on_change=self._changed
         )
-        m = settings.mqtt
         self.link = MqttLink(
-            LinkSettings(
-                instrument_id=settings.instrument_id,
-                host=m.host,
-                port=m.port,
-                username=m.username,
-                password=m.resolved_password(),
-                tls=m.tls,
-                ca_file=m.ca_file,
-                client_id=m.client_id,
-                keepalive_s=m.keepalive_s,
-            ),
+            settings.mqtt,
+            settings.instrument_id,
             self.journal,
             status_provider=self._status,
             description_provider=self._description,

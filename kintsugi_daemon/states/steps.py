@@ -1,17 +1,20 @@
-"""The steps of one kintsugi slice, as instrument calls, and how a step interrupted by a crash is judged.
+"""The steps of one kintsugi slice as a registry: step name -> how it runs, builds its request, is judged.
 
-Each destructive step records in its intent what the instrument looked like before it (face position,
-Pt cap thickness), so after a crash the daemon can tell from the instrument's state whether the step
-happened, instead of guessing (and milling a slice twice).
+A destructive step (deposit, mill, polish) builds its request object once; the controller journals exactly
+that object (with what the instrument looked like before) as the intent and sends that same object. After
+a crash, the step's `reconcile` reads the journaled request back and tells from the instrument's state
+whether the step happened, instead of guessing (and milling a slice twice).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from kintsugi_daemon.adapt import fixed
 from kintsugi_daemon.config import Recipe
 from kintsugi_daemon.drivers.base import (
     AcquireRequest,
@@ -25,23 +28,70 @@ from kintsugi_daemon.drivers.base import (
     PolishRequest,
     Rectangle,
 )
+from kintsugi_daemon.estimate import slice_bytes
 from kintsugi_daemon.instrument import POLISH_REMOVAL_M, SEM_FIB_ANGLE_DEG
+from kintsugi_daemon.states.run import ActiveRun
 
 __all__ = [
-    "DESTRUCTIVE",
+    "REGISTRY",
     "Reconciliation",
-    "SliceOutcome",
+    "Request",
+    "StepContext",
+    "StepSpec",
+    "UnknownStep",
     "acquire_request",
-    "deposit",
-    "fixed_schedule",
+    "before",
+    "deposit_request",
     "image",
-    "mill",
-    "polish",
-    "reconcile",
+    "journaled_request",
+    "mill_request",
+    "polish_request",
+    "spec",
     "steps_for_slice",
 ]
 
-DESTRUCTIVE = frozenset({"deposit_pt", "mill", "polish"})
+Request = DepositRequest | MillRequest | PolishRequest
+# Who runs a step: the journaled instrument path, the background segmentation pipeline, or the
+# slice's checkpoint transaction.
+Runner = Literal["instrument", "segmentation", "checkpoint"]
+
+
+class UnknownStep(KeyError):
+    """A step name with no registry entry: a programming error, never skipped."""
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    happened: bool
+    evidence: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step's `perform` works with: the instrument, the run, the slice, and its built request."""
+
+    instrument: DualBeam
+    run: ActiveRun
+    index: int
+    request: Request | None = None
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    runner: Runner
+    perform: Callable[[StepContext], Awaitable[dict[str, Any]]] | None = None
+    # Destructive steps only: the request (recipe, thickness left of this slice) and the verdict on it.
+    build: Callable[[Recipe, float], Request] | None = None
+    reconcile: Callable[[Any, Mapping[str, Any], InstrumentState], Reconciliation] | None = None
+    request_model: type[Request] | None = None
+    # Intents journaled before they held the request named its figures flat: old key -> request field.
+    legacy_fields: Mapping[str, str] = field(default_factory=dict)
+    # A check before the intent is journaled (raises to refuse the step, e.g. no room for the images).
+    prepare: Callable[[ActiveRun], None] | None = None
+
+    @property
+    def destructive(self) -> bool:
+        return self.build is not None
 
 
 def steps_for_slice(recipe: Recipe, index: int) -> list[str]:
@@ -59,11 +109,11 @@ def steps_for_slice(recipe: Recipe, index: int) -> list[str]:
     return steps
 
 
-def _area(recipe: Recipe) -> Rectangle:
-    roi = recipe.roi
-    return Rectangle(
-        center_x_m=roi.center_x_m, center_y_m=roi.center_y_m, width_m=roi.width_m, height_m=roi.height_m
-    )
+def spec(step: str) -> StepSpec:
+    try:
+        return REGISTRY[step]
+    except KeyError:
+        raise UnknownStep(f"no step {step!r} in the registry (known: {', '.join(REGISTRY)})") from None
 
 
 def before(state: InstrumentState) -> dict[str, float]:
@@ -71,46 +121,53 @@ def before(state: InstrumentState) -> dict[str, float]:
     return {"face_before_m": state.face_position_m, "cap_before_m": state.pt_cap_thickness_m}
 
 
-async def deposit(instrument: DualBeam, recipe: Recipe) -> dict[str, Any]:
+def journaled_request(step: StepSpec, params: Mapping[str, Any]) -> Any:
+    """The request an intent recorded; for an intent of an earlier daemon, the figures it had."""
+    assert step.request_model is not None
+    if "request" in params:
+        return step.request_model.model_validate(params["request"])
+    # Unvalidated on purpose: only the fields `reconcile` reads exist.
+    return step.request_model.model_construct(**{new: params[old] for old, new in step.legacy_fields.items()})
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+def _area(recipe: Recipe) -> Rectangle:
+    roi = recipe.roi
+    return Rectangle(
+        center_x_m=roi.center_x_m, center_y_m=roi.center_y_m, width_m=roi.width_m, height_m=roi.height_m
+    )
+
+
+def deposit_request(recipe: Recipe) -> DepositRequest:
     pt = recipe.pt
-    result = await instrument.deposit_pt(
-        DepositRequest(
-            area=_area(recipe),
-            thickness_m=pt.thickness_m,
-            beam=pt.beam,
-            gis_temperature_k=pt.gis_temperature_k,
-        )
+    return DepositRequest(
+        area=_area(recipe), thickness_m=pt.thickness_m, beam=pt.beam, gis_temperature_k=pt.gis_temperature_k
     )
-    return result.model_dump()
 
 
-async def mill(instrument: DualBeam, recipe: Recipe, thickness_m: float) -> dict[str, Any]:
+def mill_request(recipe: Recipe, thickness_m: float) -> MillRequest:
     m = recipe.mill
-    result = await instrument.mill(
-        MillRequest(
-            pattern=m.pattern,
-            area=_area(recipe),
-            slice_thickness_m=thickness_m,
-            current_a=m.current_a,
-            species=m.species,
-            application=m.application,
-        )
+    return MillRequest(
+        pattern=m.pattern,
+        area=_area(recipe),
+        slice_thickness_m=thickness_m,
+        current_a=m.current_a,
+        species=m.species,
+        application=m.application,
     )
-    return result.model_dump()
 
 
-async def polish(instrument: DualBeam, recipe: Recipe) -> dict[str, Any]:
+def polish_request(recipe: Recipe) -> PolishRequest:
     p = recipe.polish
-    result = await instrument.polish(
-        PolishRequest(
-            area=_area(recipe),
-            current_a=p.current_a,
-            species=recipe.mill.species,
-            rocking_deg=p.rocking_deg,
-            passes=p.passes,
-        )
+    return PolishRequest(
+        area=_area(recipe),
+        current_a=p.current_a,
+        species=recipe.mill.species,
+        rocking_deg=p.rocking_deg,
+        passes=p.passes,
     )
-    return result.model_dump()
 
 
 def acquire_request(recipe: Recipe) -> AcquireRequest:
@@ -139,44 +196,97 @@ async def image(instrument: DualBeam, recipe: Recipe) -> Acquisition:
     return await instrument.acquire(acquire_request(recipe))
 
 
-@dataclass(frozen=True)
-class SliceOutcome:
-    index: int
-    deposit: dict[str, Any] | None
-    mill: dict[str, Any]
-    polish: dict[str, Any] | None
-    acquisition: Acquisition
+# --- perform --------------------------------------------------------------------------------------
 
 
-async def fixed_schedule(instrument: DualBeam, recipe: Recipe) -> AsyncIterator[SliceOutcome]:
-    """The recipe's slices with the same step functions the daemon runs, without journal or state machine
-    (the simulator's dataset export). Each slice is yielded as soon as its images are in."""
-    for index in range(recipe.run.total_slices):
-        planned = steps_for_slice(recipe, index)
-        dep = await deposit(instrument, recipe) if "deposit_pt" in planned else None
-        milled = await mill(instrument, recipe, recipe.run.slice_thickness_m)
-        polished = await polish(instrument, recipe) if "polish" in planned else None
-        yield SliceOutcome(index, dep, milled, polished, await image(instrument, recipe))
+async def _deposit(ctx: StepContext) -> dict[str, Any]:
+    assert isinstance(ctx.request, DepositRequest)
+    return (await ctx.instrument.deposit_pt(ctx.request)).model_dump()
 
 
-@dataclass(frozen=True)
-class Reconciliation:
-    happened: bool
-    evidence: dict[str, Any]
+async def _mill(ctx: StepContext) -> dict[str, Any]:
+    assert isinstance(ctx.request, MillRequest)
+    return (await ctx.instrument.mill(ctx.request)).model_dump()
 
 
-def reconcile(step: str, params: dict[str, Any], state: InstrumentState) -> Reconciliation:
-    """Did an interrupted destructive step take effect? Judged from the instrument, not assumed."""
-    if step == "mill":
-        removed = state.face_position_m - float(params["face_before_m"])
-        happened = removed >= 0.5 * float(params["thickness_m"])
-        return Reconciliation(happened, {"removed_m": removed, "face_position_m": state.face_position_m})
-    if step == "polish":
-        removed = state.face_position_m - float(params["face_before_m"])
-        return Reconciliation(
-            removed >= 0.5 * POLISH_REMOVAL_M * int(params["passes"]), {"removed_m": removed}
-        )
-    if step == "deposit_pt":
-        grown = state.pt_cap_thickness_m - float(params["cap_before_m"])
-        return Reconciliation(grown >= 0.5 * float(params["thickness_m"]), {"cap_grown_m": grown})
-    return Reconciliation(False, {"note": "non-destructive step: repeated"})
+async def _polish(ctx: StepContext) -> dict[str, Any]:
+    assert isinstance(ctx.request, PolishRequest)
+    return (await ctx.instrument.polish(ctx.request)).model_dump()
+
+
+async def _image(ctx: StepContext) -> dict[str, Any]:
+    run, index = ctx.run, ctx.index
+    if run.storage.slice_complete(index):
+        # Written before a crash that beat the journal: the files are the truth, do not re-image.
+        return {"files": run.storage.read_slice(index)["files"], "recovered": True}
+    acq = await image(ctx.instrument, run.recipe)
+    paths = await asyncio.to_thread(
+        run.storage.write_slice,
+        index,
+        acq.images,
+        acq.metadata.model_dump(mode="json"),
+        None,
+        None,
+        replace=True,
+    )
+    run.acquisition = acq
+    means = {name: round(float(img.mean()), 1) for name, img in acq.images.items()}
+    return {"files": paths, "mean_grey": means, "face_position_m": acq.metadata.face_position_m}
+
+
+def _room_for_images(run: ActiveRun) -> None:
+    run.storage.ensure_space(slice_bytes(run.recipe), run.recipe.guards.min_free_disk_bytes // 2)
+
+
+async def _adapt(ctx: StepContext) -> dict[str, Any]:
+    return fixed.decide(ctx.run.recipe)
+
+
+# --- reconcile ------------------------------------------------------------------------------------
+
+
+def _mill_happened(request: MillRequest, before: Mapping[str, Any], state: InstrumentState) -> Reconciliation:
+    removed = state.face_position_m - float(before["face_before_m"])
+    happened = removed >= 0.5 * request.slice_thickness_m
+    return Reconciliation(happened, {"removed_m": removed, "face_position_m": state.face_position_m})
+
+
+def _polish_happened(
+    request: PolishRequest, before: Mapping[str, Any], state: InstrumentState
+) -> Reconciliation:
+    removed = state.face_position_m - float(before["face_before_m"])
+    return Reconciliation(removed >= 0.5 * POLISH_REMOVAL_M * request.passes, {"removed_m": removed})
+
+
+def _deposit_happened(
+    request: DepositRequest, before: Mapping[str, Any], state: InstrumentState
+) -> Reconciliation:
+    grown = state.pt_cap_thickness_m - float(before["cap_before_m"])
+    return Reconciliation(grown >= 0.5 * request.thickness_m, {"cap_grown_m": grown})
+
+
+REGISTRY: dict[str, StepSpec] = {
+    "deposit_pt": StepSpec(
+        "instrument",
+        _deposit,
+        lambda recipe, _left_m: deposit_request(recipe),
+        _deposit_happened,
+        DepositRequest,
+        {"thickness_m": "thickness_m"},
+    ),
+    "mill": StepSpec(
+        "instrument", _mill, mill_request, _mill_happened, MillRequest, {"thickness_m": "slice_thickness_m"}
+    ),
+    "polish": StepSpec(
+        "instrument",
+        _polish,
+        lambda recipe, _left_m: polish_request(recipe),
+        _polish_happened,
+        PolishRequest,
+        {"passes": "passes"},
+    ),
+    "image": StepSpec("instrument", _image, prepare=_room_for_images),
+    "segment": StepSpec("segmentation"),
+    "adapt": StepSpec("instrument", _adapt),
+    "checkpoint": StepSpec("checkpoint"),
+}

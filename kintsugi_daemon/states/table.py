@@ -20,6 +20,7 @@ __all__ = [
     "STEPS",
     "TRANSITIONS",
     "build_machine",
+    "destination",
     "mermaid_diagram",
     "write_diagram",
 ]
@@ -123,6 +124,21 @@ def build_machine(model: object, initial: str = "booting") -> HierarchicalAsyncM
         queued=False,
         send_event=False,
     )
+
+
+def destination(machine: HierarchicalAsyncMachine, trigger: str, state: str, *, active_run: bool) -> str:
+    """Where `trigger` takes the machine from `state` (journaled before the transition is taken)."""
+    for transition in machine.get_transitions(trigger, source=state):
+        if transition.dest is not None:
+            if trigger == "clear":
+                return "paused" if active_run else "idle"
+            return str(transition.dest)
+    # A child state (running.mill) matches transitions declared on its parent.
+    parent = state.split(".")[0]
+    for transition in machine.get_transitions(trigger, source=parent):
+        if transition.dest is not None:
+            return str(transition.dest)
+    return state
 
 
 class _DiagramModel:

@@ -65,10 +65,11 @@ poll_s = 0.1
 
 @dataclass
 class Recorder:
-    """Wraps the real client and records every verb called, in order."""
+    """Wraps the real client and records every verb called, in order (and the request objects sent)."""
 
     inner: HttpDualBeam
     calls: list[str] = field(default_factory=list)
+    sent: list[tuple[str, Any]] = field(default_factory=list)
     hooks: dict[str, Callable[[int], Awaitable[None]]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -77,6 +78,8 @@ class Recorder:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             self.calls.append(verb)
+            if args:
+                self.sent.append((verb, args[0]))
             n = self.counts[verb] = self.counts.get(verb, 0) + 1
             hook = self.hooks.get(verb)
             if hook is not None:
@@ -149,6 +152,20 @@ async def test_run_issues_the_fixed_schedule(harness: Harness) -> None:
     assert types.count("slice_completed") == 3 and types[-1] == "done"
     seqs = [e.seq for e in harness.journal.pending_events(1000)]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_the_journaled_intent_is_the_request_sent(harness: Harness) -> None:
+    reply = await harness.controller.command("start", {"recipe": recipe(3, pt_every=2)})
+    await harness.wait_state("done")
+    verbs = {"deposit_pt": "deposit_pt", "mill": "mill", "polish": "polish"}  # journal step -> client verb
+    intents = [(verbs[r.step], r.params) for r in harness.journal.steps(reply["run_id"]) if r.step in verbs]
+    sent = [(verb, request) for verb, request in harness.recorder.sent if verb in verbs.values()]
+    expected = ["deposit_pt", "mill", "polish", "mill", "polish", "deposit_pt", "mill", "polish"]
+    assert [v for v, _ in intents] == [v for v, _ in sent] == expected
+    for (_, params), (_, request) in zip(intents, sent, strict=True):
+        assert params["request"] == request.model_dump(mode="json")
+        assert type(request).model_validate(params["request"]) == request
+        assert {"face_before_m", "cap_before_m"} <= params.keys()
 
 
 async def test_deferred_pause_waits_for_the_step_boundary(harness: Harness) -> None:
@@ -382,7 +399,7 @@ async def test_immediate_pause_stops_the_mill_and_finishes_it_after_resume(
         assert h.recorder.commands()[6:] == [*SLICE]  # the mill is finished, then the slice goes on
         mills = [s for s in h.journal.steps(reply["run_id"], 1) if s.step == "mill"]
         assert [m.ok for m in mills] == [False, True]
-        assert mills[1].params["thickness_m"] < 40e-9  # only what was left of the slice
+        assert mills[1].params["request"]["slice_thickness_m"] < 40e-9  # only what was left of the slice
     finally:
         await close_harness(h, client, cm)
 

@@ -21,6 +21,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.service.messages import (
     Alert,
@@ -33,7 +34,7 @@ from kintsugi_daemon.service.messages import (
     Topics,
     export_schemas,
 )
-from kintsugi_daemon.service.mqtt_link import MqttLink, MqttSettings
+from kintsugi_daemon.service.mqtt_link import LinkTuning, MqttLink
 from tests.support.mqtt_broker import USERS, Broker, mosquitto_available
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto binary not installed")
@@ -91,24 +92,17 @@ class Daemon:
 
 @asynccontextmanager
 async def running_link(
-    broker: Broker, journal: Journal, instrument: str, daemon: Daemon, **settings: Any
+    broker: Broker, journal: Journal, instrument: str, daemon: Daemon
 ) -> AsyncIterator[MqttLink]:
     link = MqttLink(
-        MqttSettings(
-            instrument_id=instrument,
-            host=broker.host,
-            port=broker.port,
-            username="daemon",
-            password=USERS["daemon"],
-            backoff_min_s=0.1,
-            backoff_max_s=0.5,
-            **settings,
-        ),
+        MqttSettings(host=broker.host, port=broker.port, username="daemon", password=USERS["daemon"]),
+        instrument,
         journal,
         status_provider=daemon.status,
         description_provider=daemon.description,
         alerts_provider=lambda: daemon.alerts,
         command_handler=daemon.handle,
+        tuning=LinkTuning(backoff_min_s=0.1, backoff_max_s=0.5),
     )
     task = asyncio.create_task(link.run(), name="mqtt-link")
     try:
@@ -243,9 +237,8 @@ async def test_cancelled_link_still_says_offline(broker: Broker, journal: Journa
     async with client(broker, "monitor") as watcher:
         await watcher.subscribe(topics.status, qos=1)
         link = MqttLink(
-            MqttSettings(
-                instrument_id=instrument, port=broker.port, username="daemon", password=USERS["daemon"]
-            ),
+            MqttSettings(port=broker.port, username="daemon", password=USERS["daemon"]),
+            instrument,
             journal,
             status_provider=Daemon().status,
             description_provider=Daemon().description,

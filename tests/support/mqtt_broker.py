@@ -1,4 +1,4 @@
-"""A private Mosquitto per test: `kintsugi_daemon.broker.LocalBroker` with fixed passwords and persistence.
+"""A private Mosquitto per test: `kintsugi_daemon.demo.broker.LocalBroker`, fixed passwords, persistence.
 
 Like Mosquitto's own test suite, never the system broker on 1883. `stop()` is a clean SIGTERM, so the
 broker saves its persistence file and persistent sessions (clean_session=False subscribers) survive a

@@ -5,35 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from kintsugi_daemon.config import GuardSettings
-from kintsugi_daemon.drivers.base import BeamShift, GisState, InstrumentState, IonBeamState, StagePosition
+from kintsugi_daemon.drivers.base import InstrumentState
 from kintsugi_daemon.states.guards import Guards
 from kintsugi_daemon.states.table import mermaid_diagram
+from tests.support.instrument_states import state
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def state(*, ion_a: float = 15e-9, vacuum: str = "pumped", gis_k: float = 303.0) -> InstrumentState:
-    return InstrumentState(
-        vacuum=vacuum,  # type: ignore[arg-type]
-        chamber_pressure_pa=2e-4,
-        electron_beam_on=True,
-        electron_current_a=5e-9,
-        electron_current_setpoint_a=5e-9,
-        electron_voltage_v=5e3,
-        ion_current_setpoint_a=15e-9,
-        working_distance_m=4e-3,
-        ion_beam_on=True,
-        ion=IonBeamState(species="xe", current_a=ion_a, voltage_v=30e3, switch_time_s=0.0),
-        gis=GisState(inserted=True, heater_on=True, temperature_k=gis_k, valve_open=False),
-        beam_shift=BeamShift(x_m=0.0, y_m=0.0),
-        beam_shift_limit_m=10e-6,
-        stage=StagePosition(x_m=0.0, y_m=0.0, z_m=4e-3, tilt_deg=52.0, rotation_deg=0.0),
-        patterning="idle",
-        busy=None,
-        face_position_m=0.0,
-        pt_cap_thickness_m=1e-6,
-        instrument_time_s=0.0,
-    )
 
 
 SETTINGS = GuardSettings(beam_current_tolerance=0.15, min_free_disk_bytes=1000, settle_s=10.0)

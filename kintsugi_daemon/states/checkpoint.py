@@ -1,0 +1,113 @@
+"""A slice's records once it is done: what the latest-slice topic shows (completed by its segmentation,
+which usually finishes during the next slice) and the run's manifest (run.json) for readers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kintsugi_daemon.estimate import estimate_run
+from kintsugi_daemon.service.journal import EventDraft, Journal
+from kintsugi_daemon.states.run import ActiveRun
+
+__all__ = [
+    "MANIFEST_EVERY",
+    "SliceProducts",
+    "manifest",
+    "manifest_due",
+    "progress",
+    "record_finish",
+    "slice_period_s",
+]
+
+MANIFEST_EVERY = 10  # slices between run.json rewrites (each costs two fsyncs)
+
+
+class SliceProducts:
+    """The latest checkpointed slice with its files and metrics, and the last metrics of any slice."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self.latest: dict[str, Any] | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self._early: dict[int, dict[str, Any]] = {}  # slice -> metrics and files, until its checkpoint
+
+    def checkpointed(self, run: ActiveRun, index: int) -> None:
+        self.latest = {
+            "run_id": run.run_id,
+            "slice": index,
+            "z_m": run.face_m,
+            "thickness_m": run.recipe.run.slice_thickness_m,
+            "files": self._image_files(run, index),
+        }
+        segmented = self._early.pop(index, None)
+        if segmented is not None:  # segmentation beat the checkpoint (it usually runs into the next slice)
+            self.latest["metrics"] = segmented["metrics"]
+            self.latest["files"] |= segmented["files"]
+
+    def segmented(self, run: ActiveRun, index: int, metrics: dict[str, Any], files: dict[str, str]) -> None:
+        self.last_metrics = {"slice": index, **metrics}
+        if run.next_slice <= index:  # not checkpointed yet: the checkpoint picks it up
+            self._early[index] = {"metrics": metrics, "files": files}
+        elif self.latest is not None and self.latest.get("slice") == index:
+            self.latest = {
+                **self.latest,
+                "metrics": metrics,
+                "files": {**self.latest.get("files", {}), **files},
+            }
+
+    def _image_files(self, run: ActiveRun, index: int) -> dict[str, str]:
+        for rec in self._journal.steps(run.run_id, index):
+            if rec.step == "image" and rec.ok and rec.result:
+                return dict(rec.result.get("files", {}))
+        return {}
+
+
+def slice_period_s(journal: Journal, run: ActiveRun, index: int) -> float:
+    """From the slice's first step to now."""
+    first = journal.steps(run.run_id, index)
+    return time.time() - min(r.started for r in first) if first else 0.0
+
+
+def manifest_due(run: ActiveRun) -> bool:
+    return run.next_slice % MANIFEST_EVERY == 0 or run.next_slice == run.total
+
+
+def manifest(run: ActiveRun, how: str | None) -> dict[str, Any]:
+    """run.json: progress for readers (the slice records are the truth); `how` None while running."""
+    return {
+        "run_id": run.run_id,
+        "name": run.recipe.run.name,
+        "total_slices": run.total,
+        "completed_slices": run.next_slice,
+        "state": how or "running",
+        "slice_thickness_m": run.recipe.run.slice_thickness_m,
+        "pixel_size_m": run.recipe.imaging.pixel_size_m,
+        "detectors": list(run.recipe.imaging.detectors),
+        "started": run.started,
+        "updated": time.time(),
+    }
+
+
+def record_finish(journal: Journal, run: ActiveRun, journal_state: str, event: dict[str, Any]) -> None:
+    """The run's end in the journal (with its `run_finished` event), then in run.json."""
+    journal.finish_run(
+        run.run_id, journal_state, events=[EventDraft("run_finished", event, run_id=run.run_id)]
+    )
+    run.storage.write_manifest(manifest(run, event["how"]))
+
+
+def progress(run: ActiveRun, step: str | None) -> dict[str, Any]:
+    """The progress topic: where the run is and its ETA (from the last ten slices, or the estimate)."""
+    if run.slice_times:
+        per_slice = sum(run.slice_times[-10:]) / len(run.slice_times[-10:])
+    else:
+        per_slice = estimate_run(run.recipe).seconds_per_slice
+    return {
+        "run_id": run.run_id,
+        "slice": run.next_slice,
+        "total": run.total,
+        "step": step,
+        "percent": round(100.0 * run.next_slice / run.total, 2),
+        "eta_s": round(per_slice * (run.total - run.next_slice), 1),
+    }

@@ -1,0 +1,37 @@
+"""The run in progress as the controller and its helpers see it, and the errors they signal each other."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kintsugi_daemon.config import Recipe
+from kintsugi_daemon.drivers.base import Acquisition
+from kintsugi_daemon.service.storage import RunStorage
+
+__all__ = ["ActiveRun", "CommandRefused", "Interrupted", "Refused"]
+
+
+class CommandRefused(Exception):
+    """A command that the current state does not allow, or whose arguments are wrong; nothing changed."""
+
+
+class Interrupted(Exception):
+    """The current step was cut short on purpose (immediate pause, abort, halt)."""
+
+
+class Refused(Exception):
+    """Preflight refused the run before the instrument was touched."""
+
+
+@dataclass
+class ActiveRun:
+    run_id: str
+    recipe: Recipe
+    storage: RunStorage
+    total: int
+    next_slice: int = 0
+    started: float = field(default_factory=time.time)
+    slice_times: list[float] = field(default_factory=list)
+    acquisition: Acquisition | None = None  # the last image, for segmentation
+    face_m: float = 0.0
