@@ -186,9 +186,10 @@ class Hub:
         self._send(view, {"kind": "event", "value": envelope})
         data = envelope.get("data") or {}
         kind = str(envelope.get("type", "")).removeprefix("kintsugi.")
-        run_id = envelope.get("run_id")
-        if run_id:
-            self._follow_run(view, str(run_id))
+        # The run is followed from the retained progress and slices/latest; an event of another run
+        # (one refused at preflight, say) goes to the log only.
+        if envelope.get("run_id") != view.run_id:
+            return
         if kind == "segmented" and isinstance(data.get("slice"), int):
             metrics = {k: v for k, v in data.items() if k not in ("slice", "inference_s")}
             self._slice(view, data["slice"], {"metrics": metrics})

@@ -1,7 +1,7 @@
 // The live page: one EventSource on /api/stream (snapshot, then deltas), rendered into the DOM.
 "use strict";
 
-const S = { instruments: {}, current: null, broker: {}, operator: null, pinned: null };
+const S = { instruments: {}, current: null, broker: {}, operator: null, pinned: null, pinnedRun: null };
 const $ = (id) => document.getElementById(id);
 const FRACTIONS = [
   ["fraction_pore", "Pt-filled pore", "#ebb928"], ["fraction_unfilled_pore", "unfilled pore", "#dc1e3c"],
@@ -88,7 +88,14 @@ function renderPlots(view) {
 function renderOverlay(view) {
   const withOverlay = view.slices.filter((r) => r.overlay);
   const slider = $("slider");
-  if (withOverlay.length === 0) { slider.max = 0; $("overlay-slice").textContent = "-"; return; }
+  const img = $("overlay");
+  if (S.pinnedRun !== view.run_id) { S.pinned = null; S.pinnedRun = view.run_id; }
+  img.hidden = withOverlay.length === 0;
+  if (withOverlay.length === 0) {
+    slider.max = 0; img.removeAttribute("src"); delete img.dataset.slice;
+    $("overlay-slice").textContent = "-"; $("overlay-follow").textContent = "(no overlay yet)";
+    return;
+  }
   const last = withOverlay[withOverlay.length - 1].slice;
   slider.min = withOverlay[0].slice; slider.max = last;
   const chosen = S.pinned === null ? last : S.pinned;
@@ -97,7 +104,6 @@ function renderOverlay(view) {
   $("overlay-slice").textContent = `${row.slice + 1} of ${view.slices.length}`;
   $("overlay-follow").textContent = S.pinned === null ? "(following the latest)" : "(pinned; slide to the end to follow)";
   const src = `/api/instruments/${encodeURIComponent(view.id)}/slices/${row.slice}/overlay.png?run=${encodeURIComponent(view.run_id || "")}`;
-  const img = $("overlay");
   if (img.getAttribute("src") !== src) { img.setAttribute("src", src); img.dataset.slice = String(row.slice); }
 }
 

@@ -21,7 +21,7 @@ function fmt(v) {
 function drawPlot(canvas, series, opts) {
   const ctx = canvas.getContext("2d");
   const W = canvas.width, H = canvas.height;
-  const m = { l: 52, r: 12, t: 10, b: 34 };
+  const m = { l: 52, r: 12, t: 22, b: 34 };
   ctx.clearRect(0, 0, W, H);
   ctx.font = "11px system-ui, sans-serif";
   const all = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[0]) && Number.isFinite(p[1]));
@@ -57,8 +57,8 @@ function drawPlot(canvas, series, opts) {
     ctx.stroke();
     for (const p of pts) { ctx.fillRect(X(p[0]) - 1.5, Y(p[1]) - 1.5, 3, 3); }
     if (pts.length) {
-      ctx.fillRect(lx, m.t + 2, 10, 3);
-      ctx.fillText(s.name, lx + 13, m.t + 7);
+      ctx.fillRect(lx, 7, 10, 3);
+      ctx.fillText(s.name, lx + 13, 12);
       lx += ctx.measureText(s.name).width + 28;
     }
   }
