@@ -21,7 +21,7 @@ from tests.support.stack import Stack, chromium_path, process
 
 pytestmark = [
     pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed"),
-    pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (apt-get install chromium)"),
+    pytest.mark.skipif(chromium_path() is None, reason="no chromium (apt-get install chromium)"),
 ]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
@@ -153,8 +153,10 @@ async def test_page_follows_a_run_shows_overlay_plots_alerts_and_sends_confirmed
             await page.wait_for_function("document.getElementById('who').textContent.includes('refused')")
             await page.fill("#password", USERS["operator"])
             await page.click("#login-button")
-            await page.wait_for_function("document.getElementById('who').textContent === 'operator: operator'")
-            # Each command is confirmed first: cancel sends nothing, send clears the alert.
+            await page.wait_for_function(
+                "document.getElementById('who').textContent === 'operator: operator'"
+            )
+            # Each command is confirmed first: cancel sends nothing, send reaches the daemon.
             await page.click("button[data-verb='clear']")
             await page.click("#confirm button[value='cancel']")
             assert await page.inner_text("#command-result") == ""
@@ -216,7 +218,8 @@ async def test_page_serves_overlays_from_the_preview_topic_without_the_run_direc
             state = (await http.get("api/state")).json()["instruments"][stack.instrument_id]
             with_overlay = [r["slice"] for r in state["slices"] if r["overlay"]]
             assert with_overlay and with_overlay[-1] == SLICES - 1, state["slices"]
-            png = await http.get(f"api/instruments/{stack.instrument_id}/slices/{with_overlay[-1]}/overlay.png")
+            slices = f"api/instruments/{stack.instrument_id}/slices"
+            png = await http.get(f"{slices}/{with_overlay[-1]}/overlay.png")
             assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
-            missing = await http.get(f"api/instruments/{stack.instrument_id}/slices/999/overlay.png")
+            missing = await http.get(f"{slices}/999/overlay.png")
             assert missing.status_code == 404
