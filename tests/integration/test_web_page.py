@@ -59,8 +59,12 @@ min_free_disk_bytes = 0
 
 @pytest.fixture
 async def stack(sim: SimulatorProcess, tmp_path: Path) -> AsyncIterator[Stack]:
-    with Broker(tmp_path / "broker") as broker:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
         yield Stack(broker, sim, tmp_path)
+    finally:
+        broker.stop()
 
 
 async def test_page_follows_a_run_shows_overlay_plots_alerts_and_sends_confirmed_commands(
