@@ -104,6 +104,8 @@ class Notifier:
         self._send: Sender | None = sender or (apprise_sender(urls) if urls else None)
         self._queue: deque[Notification] = deque(maxlen=settings.queue)
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing queued and nothing being delivered
+        self._idle.set()
         self._last: Observation | None = None
         self._suspend_timer: asyncio.TimerHandle | None = None
         self.delivered: list[Notification] = []  # kept short: the last few, for status and tests
@@ -113,6 +115,28 @@ class Notifier:
     @property
     def enabled(self) -> bool:
         return self._send is not None
+
+    @property
+    def pending(self) -> int:
+        """Notifications queued, not yet handed to a service."""
+        return len(self._queue)
+
+    @property
+    def watching_suspension(self) -> bool:
+        """A suspension is being timed (its notification is due unless the run resumes first)."""
+        return self._suspend_timer is not None
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until everything queued was delivered or given up: a daemon that
+        stops right after a run finishes still sends `finished`. Returns whether it all went."""
+        if not self.enabled:
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     # -- deciding --------------------------------------------------------------------------------
 
@@ -183,6 +207,7 @@ class Notifier:
             self.dropped += 1
             log.warning("notification dropped: queue full", dropped=self._queue[0].kind)
         self._queue.append(note)  # a full deque drops its oldest
+        self._idle.clear()
         self._wake.set()
 
     # -- delivering ------------------------------------------------------------------------------
@@ -197,6 +222,7 @@ class Notifier:
                 self._wake.clear()
                 while self._queue:
                     await self._deliver(self._queue.popleft())
+                self._idle.set()
         finally:
             self._disarm_suspended()
 

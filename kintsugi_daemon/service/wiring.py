@@ -272,6 +272,7 @@ class Service:
                 self.link.close()  # drains the outbox, then publishes `offline` before disconnecting
                 await link_task
                 watchdog.cancel()
+                await self.notifier.flush(self.settings.notify.timeout_s)
                 notifier.cancel()
         finally:
             self.notifier.close()
