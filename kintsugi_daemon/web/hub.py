@@ -152,18 +152,9 @@ class Hub:
         if suffix.startswith("cmd/"):
             return  # commands and replies are not the page's business (an operator's own come back)
         data = _json(payload)
-        if suffix in ("status", "description", "progress"):
-            setattr(view, suffix, data)
-            self._patch(view, suffix, data)
-            run_id = (data or {}).get("run_id") if suffix != "description" else None
-            if run_id:
-                self._follow_run(view, run_id)
-        elif suffix == "slices/latest" and isinstance(data, dict):
-            view.latest = data
-            self._patch(view, "latest", data)
-            if data.get("run_id"):
-                self._follow_run(view, str(data["run_id"]))
-            self._slice(view, int(data.get("slice", -1)), data)
+        if suffix.startswith("events/"):
+            if isinstance(data, dict):
+                self._event(view, data)
         elif suffix.startswith("alerts/"):
             alert_id = suffix.removeprefix("alerts/")
             if isinstance(data, dict):
@@ -171,8 +162,22 @@ class Hub:
             else:
                 view.alerts.pop(alert_id, None)
             self._send(view, {"kind": "alert", "alert_id": alert_id, "value": view.alerts.get(alert_id)})
-        elif suffix.startswith("events/") and isinstance(data, dict):
-            self._event(view, data)
+        else:
+            self._retained(view, suffix, data)
+
+    def _retained(self, view: InstrumentView, suffix: str, data: Any) -> None:
+        if suffix in ("status", "description", "progress"):
+            setattr(view, suffix, data)
+            self._patch(view, suffix, data)
+            run_id = data.get("run_id") if isinstance(data, dict) and suffix != "description" else None
+            if run_id:
+                self._follow_run(view, str(run_id))
+        elif suffix == "slices/latest" and isinstance(data, dict):
+            view.latest = data
+            self._patch(view, "latest", data)
+            if data.get("run_id"):
+                self._follow_run(view, str(data["run_id"]))
+            self._slice(view, int(data.get("slice", -1)), data)
 
     def _patch(self, view: InstrumentView, name: str, value: Any) -> None:
         self._send(view, {"kind": "patch", "field": name, "value": value})

@@ -13,6 +13,7 @@ from typing import Any
 import aiomqtt
 import httpx
 import pytest
+from playwright.async_api import Page, async_playwright
 
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess
 from tests.support.mqtt_broker import USERS, Broker, mosquitto_available
@@ -70,8 +71,6 @@ async def stack(sim: SimulatorProcess, tmp_path: Path) -> AsyncIterator[Stack]:
 async def test_page_follows_a_run_shows_overlay_plots_alerts_and_sends_confirmed_commands(
     stack: Stack, tmp_path: Path
 ) -> None:
-    from playwright.async_api import async_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     settings = stack.settings_file()
     model = build_threshold_model(tmp_path / "threshold.onnx", CENTRES)
@@ -98,86 +97,91 @@ async def test_page_follows_a_run_shows_overlay_plots_alerts_and_sends_confirmed
             browser = await pw.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
             page = await browser.new_page(viewport={"width": 1280, "height": 1000})
             await page.goto(url)
-            # The slice count, from the retained progress.
-            await page.wait_for_function(
-                f"document.getElementById('slice-n').textContent === '{SLICES}'", timeout=15_000
-            )
-            assert await page.inner_text("#slice-total") == str(SLICES)
-            assert await page.inner_text("#state") == "done"
-            # Both instruments are listed.
-            await page.wait_for_selector("nav button[data-id='web-02']", timeout=5_000)
-            assert await page.locator("nav button").count() == 2
-            # The latest overlay loads (a real PNG, decoded by the browser) and the slider spans the run.
-            await page.wait_for_function(
-                "document.getElementById('overlay').complete && "
-                "document.getElementById('overlay').naturalWidth > 0",
-                timeout=10_000,
-            )
-            assert await page.get_attribute("#overlay", "data-slice") == str(SLICES - 1)
-            assert await page.get_attribute("#slider", "max") == str(SLICES - 1)
-            # The plots have a point per slice and phase.
-            points = int(await page.get_attribute("#plot-fractions", "data-points") or 0)
-            assert points >= SLICES * 4, points
-            assert int(await page.get_attribute("#plot-decisions", "data-points") or 0) >= SLICES - 1
-            # An earlier slice through the slider.
-            await page.fill("#slider", "1")
-            await page.wait_for_function("document.getElementById('overlay').dataset.slice === '1'")
-            await page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
-            # The event log shows the run.
-            assert "run_finished" in await page.inner_text("#events")
-            await page.screenshot(path=str(ARTIFACTS / "run-done.png"), full_page=True)
-
-            # An alert appears within a second of the daemon raising it: with the chamber vented, a start
-            # is refused at preflight with a retained `preflight` alert.
-            await page.evaluate(
-                """() => { window.alertSeen = null;
-                new MutationObserver(() => {
-                  if (!window.alertSeen && document.querySelector("[data-alert='preflight']"))
-                    window.alertSeen = Date.now();
-                }).observe(document.getElementById('alerts'), {childList: true, subtree: true}); }"""
-            )
-            await inject(stack.sim, {"kind": "vacuum_loss"})
-            await stack.operator().command("start", {"recipe": recipe(str(model))})
-            await page.wait_for_selector("[data-alert='preflight']", timeout=10_000)
-            seen_ms = await page.evaluate("window.alertSeen")
-            raised = await alert_since(stack, "preflight")
-            latency_s = seen_ms / 1000 - raised
-            assert 0 <= latency_s < 1.0, latency_s
-            await page.screenshot(path=str(ARTIFACTS / "alert.png"), full_page=True)
-
-            # Read-only until an operator logs in; a monitor's password does not unlock commands.
-            assert await page.is_disabled("button[data-verb='clear']")
-            forbidden = await page.request.post(
-                f"{url}api/instruments/{stack.instrument_id}/cmd/clear", data={"confirm": True}
-            )
-            assert forbidden.status == 401
-            await page.fill("#username", "operator")
-            await page.fill("#password", "wrong")
-            await page.click("#login-button")
-            await page.wait_for_function("document.getElementById('who').textContent.includes('refused')")
-            await page.fill("#password", USERS["operator"])
-            await page.click("#login-button")
-            await page.wait_for_function(
-                "document.getElementById('who').textContent === 'operator: operator'"
-            )
-            # Each command is confirmed first: cancel sends nothing, send reaches the daemon.
-            await page.click("button[data-verb='clear']")
-            await page.click("#confirm button[value='cancel']")
-            assert await page.inner_text("#command-result") == ""
-            assert await page.locator("[data-alert='preflight']").count() == 1
-            await page.click("button[data-verb='clear']")
-            await page.click("#confirm-ok")
-            await page.wait_for_function(
-                "document.getElementById('command-result').textContent.startsWith('clear:')"
-            )
-            # The daemon's own reply is shown: today it refuses `clear` while idle (issue 12 part 4 may
-            # change that); accepted, the alert goes away.
-            result = await page.inner_text("#command-result")
-            assert result.startswith(("clear: accepted", "clear: refused: clear is not allowed")), result
-            if result.startswith("clear: accepted"):
-                await page.wait_for_selector("[data-alert='preflight']", state="detached", timeout=5_000)
-            await page.screenshot(path=str(ARTIFACTS / "operator.png"), full_page=True)
+            await check_the_run(page)
+            await check_an_alert_arrives_within_a_second(page, stack)
+            await check_commands_need_a_login_and_a_confirmation(page, stack, url)
             await browser.close()
+
+
+async def check_the_run(page: Page) -> None:
+    # The slice count, from the retained progress.
+    await page.wait_for_function(
+        f"document.getElementById('slice-n').textContent === '{SLICES}'", timeout=15_000
+    )
+    assert await page.inner_text("#slice-total") == str(SLICES)
+    assert await page.inner_text("#state") == "done"
+    # Both instruments are listed.
+    await page.wait_for_selector("nav button[data-id='web-02']", timeout=5_000)
+    assert await page.locator("nav button").count() == 2
+    # The latest overlay loads (a real PNG, decoded by the browser) and the slider spans the run.
+    await page.wait_for_function(
+        "document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0",
+        timeout=10_000,
+    )
+    assert await page.get_attribute("#overlay", "data-slice") == str(SLICES - 1)
+    assert await page.get_attribute("#slider", "max") == str(SLICES - 1)
+    # The plots have a point per slice and phase.
+    points = int(await page.get_attribute("#plot-fractions", "data-points") or 0)
+    assert points >= SLICES * 4, points
+    assert int(await page.get_attribute("#plot-decisions", "data-points") or 0) >= SLICES - 1
+    # An earlier slice through the slider.
+    await page.fill("#slider", "1")
+    await page.wait_for_function("document.getElementById('overlay').dataset.slice === '1'")
+    await page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
+    # The event log shows the run.
+    assert "run_finished" in await page.inner_text("#events")
+    await page.screenshot(path=str(ARTIFACTS / "run-done.png"), full_page=True)
+
+
+async def check_an_alert_arrives_within_a_second(page: Page, stack: Stack) -> None:
+    # An alert appears within a second of the daemon raising it: with the chamber vented, a start
+    # is refused at preflight with a retained `preflight` alert.
+    await page.evaluate(
+        """() => { window.alertSeen = null;
+        new MutationObserver(() => {
+          if (!window.alertSeen && document.querySelector("[data-alert='preflight']"))
+            window.alertSeen = Date.now();
+        }).observe(document.getElementById('alerts'), {childList: true, subtree: true}); }"""
+    )
+    await inject(stack.sim, {"kind": "vacuum_loss"})
+    await stack.operator().command("start", {"recipe": recipe("builtin")})
+    await page.wait_for_selector("[data-alert='preflight']", timeout=10_000)
+    seen_ms = await page.evaluate("window.alertSeen")
+    raised = await alert_since(stack, "preflight")
+    latency_s = seen_ms / 1000 - raised
+    assert 0 <= latency_s < 1.0, latency_s
+    await page.screenshot(path=str(ARTIFACTS / "alert.png"), full_page=True)
+
+
+async def check_commands_need_a_login_and_a_confirmation(page: Page, stack: Stack, url: str) -> None:
+    # Read-only until an operator logs in; a monitor's password does not unlock commands.
+    assert await page.is_disabled("button[data-verb='clear']")
+    forbidden = await page.request.post(
+        f"{url}api/instruments/{stack.instrument_id}/cmd/clear", data={"confirm": True}
+    )
+    assert forbidden.status == 401
+    await page.fill("#username", "operator")
+    await page.fill("#password", "wrong")
+    await page.click("#login-button")
+    await page.wait_for_function("document.getElementById('who').textContent.includes('refused')")
+    await page.fill("#password", USERS["operator"])
+    await page.click("#login-button")
+    await page.wait_for_function("document.getElementById('who').textContent === 'operator: operator'")
+    # Each command is confirmed first: cancel sends nothing, send reaches the daemon.
+    await page.click("button[data-verb='clear']")
+    await page.click("#confirm button[value='cancel']")
+    assert await page.inner_text("#command-result") == ""
+    assert await page.locator("[data-alert='preflight']").count() == 1
+    await page.click("button[data-verb='clear']")
+    await page.click("#confirm-ok")
+    await page.wait_for_function("document.getElementById('command-result').textContent.startsWith('clear:')")
+    # The daemon's own reply is shown: today it refuses `clear` while idle (issue 12 part 4 may
+    # change that); accepted, the alert goes away.
+    result = await page.inner_text("#command-result")
+    assert result.startswith(("clear: accepted", "clear: refused: clear is not allowed")), result
+    if result.startswith("clear: accepted"):
+        await page.wait_for_selector("[data-alert='preflight']", state="detached", timeout=5_000)
+    await page.screenshot(path=str(ARTIFACTS / "operator.png"), full_page=True)
 
 
 async def inject(sim: SimulatorProcess, spec: dict[str, object]) -> None:
