@@ -24,17 +24,20 @@ __all__ = [
     "ConfigError",
     "DaemonSettings",
     "GuardSettings",
+    "HomeAssistantSettings",
     "ImagingSettings",
     "InstrumentSettings",
     "LoggingSettings",
     "MillSettings",
     "MqttSettings",
+    "NotifySettings",
     "PolishSettings",
     "PtSettings",
     "Recipe",
     "RegionOfInterest",
     "RunSettings",
     "SegmentationSettings",
+    "WebSettings",
     "load_recipe",
     "load_settings",
     "parse_recipe",
@@ -93,6 +96,52 @@ class LoggingSettings(Strict):
     json_output: bool = True
 
 
+class NotifySettings(Strict):
+    """Apprise notifications (service/notify.py): run finished, faulted, suspended too long, fiducial lost."""
+
+    urls: list[str] = Field(default_factory=list, max_length=32)  # Apprise URLs; empty: off
+    urls_file: Path | None = None  # one URL a line (secrets out of the settings file); added to `urls`
+    on: list[Literal["finished", "faulted", "suspended", "fiducial_lost"]] = Field(
+        default=["finished", "faulted", "suspended", "fiducial_lost"]
+    )
+    suspended_after_s: float = Field(default=900.0, ge=0, le=7 * 86400)
+    attach_overlay: bool = True  # the latest overlay PNG where the service takes attachments
+    timeout_s: float = Field(default=20.0, gt=0, le=600)  # one delivery; a dead service never waits longer
+    queue: int = Field(default=32, ge=1, le=10_000)  # pending notifications; the oldest is dropped past it
+
+    def resolved_urls(self) -> list[str]:
+        urls = list(self.urls)
+        if self.urls_file is not None:
+            text = self.urls_file.read_text()
+            urls += [u.strip() for u in text.splitlines() if u.strip() and not u.lstrip().startswith("#")]
+        return urls
+
+
+class HomeAssistantSettings(Strict):
+    """Home Assistant MQTT discovery (service/home_assistant.py): sensors for state, slice, ETA, alerts."""
+
+    discovery: bool = False
+    prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class WebSettings(Strict):
+    """`kintsugi web`: the live page. It subscribes as a monitor (read-only); operators log in."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8790, ge=0, le=65535)  # 0: any free port (tests)
+    username: str | None = "monitor"  # MQTT user the page subscribes as
+    password: str | None = None
+    password_file: Path | None = None
+    runs_dir: Path | None = None  # run directories on this machine (default: data_root); else MQTT previews
+    instruments: list[str] = Field(default_factory=list)  # empty: every instrument on the broker
+    session_ttl_s: float = Field(default=8 * 3600, gt=0, le=7 * 86400)  # an operator login lasts this long
+
+    def resolved_password(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password
+
+
 class DaemonSettings(Strict):
     instrument_id: str = Field(default="hydra-01", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     data_root: Path = Path("/var/lib/kintsugi/runs")
@@ -100,6 +149,9 @@ class DaemonSettings(Strict):
     mqtt: MqttSettings = MqttSettings()
     instrument: InstrumentSettings = InstrumentSettings()
     logging: LoggingSettings = LoggingSettings()
+    notify: NotifySettings = NotifySettings()
+    home_assistant: HomeAssistantSettings = HomeAssistantSettings()
+    web: WebSettings = WebSettings()
 
     @property
     def journal_file(self) -> Path:

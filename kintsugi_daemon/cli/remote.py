@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 
 from kintsugi_daemon.config import MqttSettings
-from kintsugi_daemon.service.messages import Topics
+from kintsugi_daemon.service.messages import SLICES_LATEST_PREVIEW, Topics
 
 __all__ = ["DaemonView", "Operator"]
 
@@ -39,8 +39,8 @@ class DaemonView:
 
     def apply(self, topics: Topics, topic: str, payload: bytes) -> None:
         suffix = topics.suffix(topic)
-        if suffix is None:
-            return
+        if suffix is None or suffix == SLICES_LATEST_PREVIEW:
+            return  # the preview is a PNG, not JSON
         data = json.loads(payload) if payload else None
         if suffix == "status":
             self.status = data

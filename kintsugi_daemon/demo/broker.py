@@ -59,10 +59,12 @@ _DAEMON_WRITES = (
 )
 # user -> (topics it may publish, topic filters it may subscribe to). Operators may not write replies:
 # those come from the daemon alone, so a reply can be trusted.
+# Home Assistant's discovery configs (optional, service/home_assistant.py) live under its own prefix.
+_HA_CONFIGS = "homeassistant/+/+/+/config"
 ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "daemon": (tuple(f"{_ROOT}/{t}" for t in _DAEMON_WRITES), (f"{_ROOT}/cmd/+",)),
-    "operator": ((f"{_ROOT}/cmd/+",), ("kintsugi/v1/#",)),
-    "monitor": ((), ("kintsugi/v1/#",)),
+    "daemon": ((*(f"{_ROOT}/{t}" for t in _DAEMON_WRITES), _HA_CONFIGS), (f"{_ROOT}/cmd/+",)),
+    "operator": ((f"{_ROOT}/cmd/+",), ("kintsugi/v1/#", _HA_CONFIGS)),
+    "monitor": ((), ("kintsugi/v1/#", _HA_CONFIGS)),
 }
 
 _PR_SET_PDEATHSIG = 1

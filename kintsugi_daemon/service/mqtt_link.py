@@ -172,6 +172,11 @@ class MqttLink:
     async def clear_retained(self, topic_suffix: str) -> bool:
         return await self._set_retained(topic_suffix, b"")
 
+    async def publish_retained_bytes(self, topic: str, payload: bytes, *, absolute: bool = False) -> bool:
+        """Raw bytes, retained, re-asserted on every reconnect like the rest: an image preview under our
+        root, or (`absolute`) a topic outside it, such as Home Assistant's discovery configs."""
+        return await self._set_retained(topic, payload, absolute=absolute)
+
     async def publish_metrics(self, values: Mapping[str, float | int | bool]) -> bool:
         """QoS 0, not retained, dropped while disconnected: metrics are a live feed, not a record."""
         client = self._client
@@ -281,8 +286,8 @@ class MqttLink:
             async with asyncio.timeout(self.tuning.timeout_s):
                 await client.publish(self.topics.status, _json(status), qos=1, retain=True)
 
-    async def _set_retained(self, topic_suffix: str, payload: bytes) -> bool:
-        topic = self.topics.full(topic_suffix)
+    async def _set_retained(self, topic_suffix: str, payload: bytes, *, absolute: bool = False) -> bool:
+        topic = topic_suffix if absolute else self.topics.full(topic_suffix)
         self._retained[topic] = payload
         client = self._client
         if client is None:

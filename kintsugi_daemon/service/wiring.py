@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,8 +23,10 @@ import structlog
 from kintsugi_daemon import __version__
 from kintsugi_daemon.config import DaemonSettings
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
+from kintsugi_daemon.service.home_assistant import discovery_messages
 from kintsugi_daemon.service.journal import Journal
 from kintsugi_daemon.service.messages import (
+    SLICES_LATEST_PREVIEW,
     Alert,
     Command,
     CommandReply,
@@ -33,6 +36,8 @@ from kintsugi_daemon.service.messages import (
     Status,
 )
 from kintsugi_daemon.service.mqtt_link import MqttLink
+from kintsugi_daemon.service.notify import Notifier, Observation
+from kintsugi_daemon.service.preview import preview_png
 from kintsugi_daemon.service.sdnotify import notify, watchdog_interval_s
 from kintsugi_daemon.states.controller import CommandRefused, Controller
 from kintsugi_daemon.states.table import STATES
@@ -87,7 +92,9 @@ class Service:
             progress_provider=self._progress,
             alerts_provider=self._alerts,
         )
+        self.notifier = Notifier(settings.notify, settings.instrument_id)
         self._published_alerts: set[str] = set()
+        self._last_preview: tuple[str, int] | None = None
         self._last_slice: dict[str, Any] | None = None
         self._last_metrics: dict[str, Any] | None = None
         self._pending: set[asyncio.Task[Any]] = set()
@@ -159,6 +166,25 @@ class Service:
         p = c.progress()
         where = f"slice {p['slice']}/{p['total']} {p['step'] or ''}" if p else ""
         notify(status=f"{c.state} {where}".strip())
+        self.notifier.observe(self._observation())
+
+    def _observation(self) -> Observation:
+        c = self.controller
+        p = c.progress()
+        return Observation(
+            state=c.state,
+            run_id=c.run.run_id if c.run else None,
+            alerts=dict(c.alerts),
+            slice=p["slice"] if p else None,
+            total=p["total"] if p else None,
+            overlay=self._overlay_path(),
+        )
+
+    def _overlay_path(self) -> Path | None:
+        """The latest slice's overlay PNG on disk, if it has one."""
+        run, latest = self.controller.run, self.controller.latest_slice
+        rel = (latest or {}).get("files", {}).get("overlay")
+        return run.storage.run_dir / rel if run is not None and rel else None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -187,7 +213,27 @@ class Service:
         latest = self.controller.latest_slice
         if latest is not None and latest is not self._last_slice:
             self._last_slice = latest
-            await self.link.publish_retained("slices/latest", SliceSummary(**latest))
+            preview_topic = await self._publish_preview(latest)
+            await self.link.publish_retained(
+                "slices/latest", SliceSummary(**latest, preview_topic=preview_topic)
+            )
+
+    async def _publish_preview(self, latest: dict[str, Any]) -> str | None:
+        """The slice's overlay, small, on `slices/latest/preview` for pages and phones that cannot read
+        the run directory. Sent before the summary that names it; once per slice."""
+        overlay = self._overlay_path()
+        if overlay is None:
+            return None
+        identity = (str(latest["run_id"]), int(latest["slice"]))
+        if identity != self._last_preview:
+            try:
+                png = await asyncio.to_thread(preview_png, overlay, *identity)
+            except OSError as exc:
+                log.warning("preview not published", path=str(overlay), error=str(exc))
+                return None
+            self._last_preview = identity
+            await self.link.publish_retained_bytes(SLICES_LATEST_PREVIEW, png)
+        return self.link.topics.slices_latest_preview
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -208,9 +254,15 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_shutdown)
         await self.controller.boot()
+        ha = self.settings.home_assistant
+        if ha.discovery:  # retained, re-asserted by the link on every connect
+            configs = discovery_messages(self.settings.instrument_id, ha.prefix, __version__)
+            for topic, config in configs.items():
+                await self.link.publish_retained_bytes(topic, config, absolute=True)
         try:
             async with asyncio.TaskGroup() as tg:
                 link_task = tg.create_task(self.link.run(), name="mqtt")
+                notifier = tg.create_task(self.notifier.run(), name="notify")
                 watchdog = tg.create_task(self._watchdog(), name="watchdog")
                 notify(ready="1", status=f"{self.controller.state}")
                 log.info("ready", state=self.controller.state, session=self.session)
@@ -220,7 +272,10 @@ class Service:
                 self.link.close()  # drains the outbox, then publishes `offline` before disconnecting
                 await link_task
                 watchdog.cancel()
+                await self.notifier.flush(self.settings.notify.timeout_s)
+                notifier.cancel()
         finally:
+            self.notifier.close()
             await self.controller.close()
             await self.instrument.aclose()
             self.journal.close()

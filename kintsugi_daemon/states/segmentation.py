@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ class SegmentationPipeline:
         self._alerts = alerts
         self._on_segmented = on_segmented
         self._model: SegmentationModel | None = None
+        self._model_key: tuple[str, str, int | None] | None = None  # what `_model` was loaded from
         self._running: dict[int, asyncio.Task[None]] = {}
 
     def running(self, index: int) -> bool:
@@ -56,16 +58,21 @@ class SegmentationPipeline:
         return list(self._running.values())
 
     async def ensure_model(self, run: ActiveRun) -> SegmentationModel:
-        """Load and check the recipe's model (at preflight, or on the first slice after a restart)."""
-        if self._model is None:
-            seg = run.recipe.segmentation
-            path = SHIPPED_MODEL if seg.model == "builtin" else Path(seg.model)
-            model = await asyncio.to_thread(
+        """Load and check the recipe's model (at preflight, or on the first slice after a restart).
+
+        Kept between runs only while the next recipe names the same model: a run that names another
+        (or a missing) one loads and checks that one, and every run is checked against its own recipe."""
+        seg = run.recipe.segmentation
+        path = SHIPPED_MODEL if seg.model == "builtin" else Path(seg.model)
+        key = (str(path), json.dumps(seg.metadata, sort_keys=True), seg.threads)
+        if self._model is None or self._model_key != key:
+            self._model, self._model_key = None, None
+            self._model = await asyncio.to_thread(
                 load_segmentation_model, path, override=seg.metadata, threads=seg.threads
             )
-            img = run.recipe.imaging
-            check_against_recipe(model.spec, img.detectors, REQUIRED_CLASSES, img.pixel_size_m)
-            self._model = model
+            self._model_key = key
+        img = run.recipe.imaging
+        check_against_recipe(self._model.spec, img.detectors, REQUIRED_CLASSES, img.pixel_size_m)
         return self._model
 
     async def launch(self, run: ActiveRun, index: int, images: dict[str, Any] | None) -> None:

@@ -337,6 +337,24 @@ async def test_model_problems_refuse_the_run_before_milling(
     assert harness.journal.active_run() is None
 
 
+async def test_a_second_run_loads_and_checks_its_own_model(harness: Harness, tmp_path: Path) -> None:
+    """The daemon keeps its model between runs; a recipe that names another must not run on the old one."""
+    from tests.support.onnx_models import build_threshold_model
+
+    model = str(build_threshold_model(tmp_path / "threshold.onnx", CENTRES))
+    await harness.controller.command("start", {"recipe": recipe(1, segmentation=True, model=model)})
+    await harness.wait_state("done")
+    milled = harness.recorder.commands()
+    reply = await harness.controller.command(
+        "start", {"recipe": recipe(1, segmentation=True, model="/nonexistent/model.onnx")}
+    )
+    await harness.wait_state("idle")
+    assert harness.recorder.commands() == milled  # refused before anything was milled
+    assert "does not exist" in harness.controller.alerts["preflight"]["message"]
+    run = harness.journal.run(reply["run_id"])
+    assert run is not None and run.state == "aborted"
+
+
 async def test_vacuum_loss_suspends_and_resumes_on_its_own(harness: Harness) -> None:
     async with httpx.AsyncClient(
         base_url=harness.sim.url, headers={"Authorization": f"Bearer {harness.sim.token}"}

@@ -1,0 +1,1 @@
+"""`kintsugi web`: the live page (its own process; the daemon never imports it)."""
