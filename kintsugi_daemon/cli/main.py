@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "kintsugi_daemon.cli.operator",
     "kintsugi_daemon.cli.monitor",
     "kintsugi_daemon.cli.train",
+    "kintsugi_daemon.cli.bridge",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
