@@ -63,7 +63,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="where the face position and Pt cap from completed patterns survive a bridge restart",
     )
     b.add_argument(
-        "--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "kintsugi-bridge", help="OpenFIBSEM logs"
+        "--log-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "kintsugi-bridge",
+        help="OpenFIBSEM logs",
     )
     b.add_argument("--gis-warmup-s", type=float, default=None, help=argparse.SUPPRESS)
     b.add_argument("--log-level", default="warning")

@@ -1,4 +1,4 @@
-"""Direct AutoScript calls for the `thermo` backend, where OpenFIBSEM has no verb or one unfit to run unattended.
+"""Direct AutoScript calls (thermo backend) where OpenFIBSEM has no verb, or one unfit to run unattended.
 
 They go through the AutoScript client OpenFIBSEM's `ThermoMicroscope` already holds (`.connection`):
 - simultaneous multi-detector grabs (`grab_multiple_frames`, CBS + TLD in one scan): OpenFIBSEM grabs one
@@ -71,12 +71,12 @@ class RealStructures:
     """`autoscript_sdb_microscope_client.structures`, imported on first use."""
 
     def GrabFrameSettings(self, **kwargs: Any) -> Any:  # noqa: N802
-        from autoscript_sdb_microscope_client.structures import GrabFrameSettings  # type: ignore[import-not-found]
+        from autoscript_sdb_microscope_client.structures import GrabFrameSettings
 
         return GrabFrameSettings(**kwargs)
 
     def Point(self, x: float, y: float) -> Any:  # noqa: N802
-        from autoscript_sdb_microscope_client.structures import Point  # type: ignore[import-not-found]
+        from autoscript_sdb_microscope_client.structures import Point
 
         return Point(x, y)
 
@@ -99,10 +99,11 @@ class PatternJob:
     depth_m: float
     application_file: str
     beam: Literal["electron", "ion"] = "ion"
+    current_a: float | None = None  # None: the beam's current as it is
 
 
 class AutoScriptVerbs:
-    """AutoScript calls on `connection` (an `SdbMicroscopeClient`), each set-view-then-act pair under `lock`."""
+    """AutoScript calls on `connection` (an `SdbMicroscopeClient`); set-view-then-act pairs under `lock`."""
 
     def __init__(
         self,
@@ -173,9 +174,12 @@ class AutoScriptVerbs:
             )
             images = self.c.imaging.grab_multiple_frames(settings)
         if len(images) != len(detectors):
-            raise InstrumentFault(f"grab_multiple_frames returned {len(images)} images for {len(views)} views")
+            raise InstrumentFault(
+                f"grab_multiple_frames returned {len(images)} images for {len(views)} views"
+            )
         return {
-            det.name: np.asarray(img.data, dtype=np.uint16) for det, img in zip(detectors, images, strict=True)
+            det.name: np.asarray(img.data, dtype=np.uint16)
+            for det, img in zip(detectors, images, strict=True)
         }
 
     def detector_levels(self, detectors: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
@@ -205,7 +209,9 @@ class AutoScriptVerbs:
 
     def beam_shift_limit_m(self) -> float:
         limits = self.c.beams.electron_beam.beam_shift.limits
-        return float(min(abs(limits.limits_x.min), limits.limits_x.max, abs(limits.limits_y.min), limits.limits_y.max))
+        return float(
+            min(abs(limits.limits_x.min), limits.limits_x.max, abs(limits.limits_y.min), limits.limits_y.max)
+        )
 
     def set_ion_beam(self, species: str, voltage_v: float, current_a: float) -> float:
         """Switch the plasma gas if needed (minutes), then voltage and current. Returns the switch time."""
@@ -254,6 +260,9 @@ class AutoScriptVerbs:
             p.clear_patterns()
             p.set_default_beam_type(ELECTRON_DEVICE if job.beam == "electron" else ION_DEVICE)
             p.set_default_application_file(job.application_file)
+            if job.current_a is not None:  # before creating: the pattern's dwell and time follow the current
+                beam = self.c.beams.electron_beam if job.beam == "electron" else self.c.beams.ion_beam
+                beam.beam_current.value = job.current_a
             self._create(job)
             if before_start is not None:
                 before_start()

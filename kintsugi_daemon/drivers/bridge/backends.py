@@ -48,13 +48,18 @@ def open_backend(
         # The Demo models a Ga column unless told otherwise; the daemon drives plasma FIBs.
         microscope.system.ion.plasma = True
         microscope.system.ion.plasma_gas = "Xenon"
-    direct = AutoScriptVerbs(microscope.connection, microscope._threading_lock) if backend == "thermo" else None
+    direct = (
+        AutoScriptVerbs(microscope.connection, microscope._threading_lock) if backend == "thermo" else None
+    )
     extra = {} if gis_warmup_s is None else {"gis_warmup_s": gis_warmup_s}
     beam = BridgeDualBeam(
         microscope,
         backend=backend,
         direct=direct,
-        application_files={**(DEMO_APPLICATION_FILES if backend == "demo" else {}), **(application_files or {})},
+        application_files={
+            **(DEMO_APPLICATION_FILES if backend == "demo" else {}),
+            **(application_files or {}),
+        },
         state_file=state_file,
         **extra,
     )

@@ -64,7 +64,7 @@ from kintsugi_daemon.drivers.bridge.autoscript import (
 )
 from kintsugi_daemon.service.atomic import write_json_atomic
 
-__all__ = ["APPLICATION_FILES", "BridgeDualBeam", "Bookkeeping"]
+__all__ = ["APPLICATION_FILES", "Bookkeeping", "BridgeDualBeam"]
 
 T = TypeVar("T")
 
@@ -79,8 +79,8 @@ APPLICATION_FILES: dict[str, str] = {
 }
 POLISH_REMOVAL_M = 5e-9  # per pass; the same nominal figure the daemon reconciles a polish with
 AMBIENT_K = 295.0
-GIS_WARMUP_S = 15.0
-DEFAULT_SHIFT_LIMIT_M = 10e-6  # OpenFIBSEM reads beam-shift limits on Thermo only; 10 um is a typical SEM figure  # DOMAIN.md: heater warm-up to ~300 K, up to 15 s
+GIS_WARMUP_S = 15.0  # DOMAIN.md: heater warm-up to ~300 K, up to 15 s
+DEFAULT_SHIFT_LIMIT_M = 10e-6  # beam-shift limits are read on Thermo only; 10 um is a typical SEM figure
 
 
 @dataclass
@@ -108,7 +108,7 @@ class Bookkeeping:
 
 
 class BridgeDualBeam:
-    """A DualBeam over an OpenFIBSEM `FibsemMicroscope` (`microscope`), with AutoScript where `direct` is set."""
+    """A DualBeam over an OpenFIBSEM `FibsemMicroscope`, with AutoScript where `direct` is set."""
 
     def __init__(
         self,
@@ -138,7 +138,7 @@ class BridgeDualBeam:
         self._switch_time_s = 0.0
 
     def check_application_files(self) -> None:
-        """At start: every application file a recipe can ask for exists (not a failure in the night's slice 1)."""
+        """At start: every application file a recipe can ask for exists (not a fault at slice 1 at 2 am)."""
         needed = sorted(set(self.apps.values()))
         if self.direct is not None:
             self.direct.check_application_files(needed)
@@ -242,7 +242,10 @@ class BridgeDualBeam:
         else:
             gas = self.m.get("plasma_gas", self._i)
             species = next((k for k, v in PLASMA_GASES.items() if v == gas), None)
-            current, voltage = float(self.m.get_beam_current(self._i)), float(self.m.get_beam_voltage(self._i))
+            current, voltage = (
+                float(self.m.get_beam_current(self._i)),
+                float(self.m.get_beam_voltage(self._i)),
+            )
         if species is None:
             raise InstrumentFault("the ion column reports no plasma gas: the bridge drives plasma FIBs only")
         return species, current, voltage
@@ -264,7 +267,9 @@ class BridgeDualBeam:
         await self._run("move_stage", go)
         return (await self.state()).stage
 
-    async def set_ion_beam(self, settings: IonBeamSettings, *, deadline_s: float | None = None) -> IonBeamState:
+    async def set_ion_beam(
+        self, settings: IonBeamSettings, *, deadline_s: float | None = None
+    ) -> IonBeamState:
         def switch() -> float:
             if self.direct is not None:
                 return self.direct.set_ion_beam(settings.species, settings.voltage_v, settings.current_a)
@@ -341,16 +346,25 @@ class BridgeDualBeam:
         if self._stop.is_set():
             raise Aborted(f"{job.kind} stopped")
 
-    def _run_job(self, job: PatternJob, current_a: float) -> None:
-        voltage = float(self.m.get_beam_voltage(self._i if job.beam == "ion" else self._e))
+    def _run_job(self, job: PatternJob) -> None:
+        beam = self._i if job.beam == "ion" else self._e
+        current = job.current_a if job.current_a is not None else float(self.m.get_beam_current(beam))
         if job.beam == "ion":
-            self._ion_setpoint_a = current_a  # the pattern runs at its own current: the guard's new band
+            self._ion_setpoint_a = current  # the pattern runs at its own current: the guard's new band
         if self.direct is not None:
             self.direct.run_pattern(job)
         else:
-            self._pattern(job, current_a, voltage)
+            self._pattern(job, current, float(self.m.get_beam_voltage(beam)))
 
-    def _job(self, kind: Any, area: Rectangle, depth_m: float, app: str, beam: Any = "ion") -> PatternJob:
+    def _job(
+        self,
+        kind: Any,
+        area: Rectangle,
+        depth_m: float,
+        app: str,
+        beam: Any = "ion",
+        current_a: float | None = None,
+    ) -> PatternJob:
         return PatternJob(
             kind=kind,
             center_x_m=area.center_x_m,
@@ -360,6 +374,7 @@ class BridgeDualBeam:
             depth_m=depth_m,
             application_file=self.apps[app],
             beam=beam,
+            current_a=current_a,
         )
 
     async def deposit_pt(self, request: DepositRequest, *, deadline_s: float | None = None) -> DepositResult:
@@ -374,10 +389,11 @@ class BridgeDualBeam:
                 if self.direct is not None:
                     self.direct.deposit_pt(job, self.gis_warmup_s)
                 else:
-                    current = float(self.m.get_beam_current(self._e if request.beam == "electron" else self._i))
-                    self._pattern(job, current, float(self.m.get_beam_voltage(self._i)))
+                    self._run_job(job)
             finally:
-                self._gis = GisState(inserted=False, heater_on=False, temperature_k=AMBIENT_K, valve_open=False)
+                self._gis = GisState(
+                    inserted=False, heater_on=False, temperature_k=AMBIENT_K, valve_open=False
+                )
             self.book.pt_cap_thickness_m += request.thickness_m
             self.book.save(self.state_file)
             return time.monotonic() - t0
@@ -393,22 +409,27 @@ class BridgeDualBeam:
 
     async def mill(self, request: MillRequest, *, deadline_s: float | None = None) -> MillResult:
         if request.pattern == "cleaning_cross_section":
-            job = self._job("cleaning_cross_section", request.area, request.slice_thickness_m, "cleaning_cross_section")
+            kind, app = "cleaning_cross_section", "cleaning_cross_section"
         else:  # a planar spin-mill pass is a rectangle at the stage's tilt
-            job = self._job("rectangle", request.area, request.slice_thickness_m, request.application)
-        return await self._remove("mill", job, request.current_a, request.slice_thickness_m, new_slice=True)
+            kind, app = "rectangle", request.application
+        job = self._job(kind, request.area, request.slice_thickness_m, app, current_a=request.current_a)
+        return await self._remove("mill", job, request.slice_thickness_m, new_slice=True)
 
     async def polish(self, request: PolishRequest, *, deadline_s: float | None = None) -> MillResult:
         removed = POLISH_REMOVAL_M * request.passes
-        job = self._job("cleaning_cross_section", request.area, removed, "cleaning_cross_section")
-        return await self._remove("polish", job, request.current_a, removed, new_slice=False)
+        job = self._job(
+            "cleaning_cross_section",
+            request.area,
+            removed,
+            "cleaning_cross_section",
+            current_a=request.current_a,
+        )
+        return await self._remove("polish", job, removed, new_slice=False)
 
-    async def _remove(
-        self, verb: str, job: PatternJob, current_a: float, removed_m: float, *, new_slice: bool
-    ) -> MillResult:
+    async def _remove(self, verb: str, job: PatternJob, removed_m: float, *, new_slice: bool) -> MillResult:
         def work() -> float:
             t0 = time.monotonic()
-            self._run_job(job, current_a)
+            self._run_job(job)
             self.book.face_position_m += removed_m
             self.book.slices += int(new_slice)
             self.book.save(self.state_file)
@@ -416,7 +437,10 @@ class BridgeDualBeam:
 
         duration = await self._run(verb, work)
         return MillResult(
-            duration_s=duration, removed_m=removed_m, face_position_m=self.book.face_position_m, completed=True
+            duration_s=duration,
+            removed_m=removed_m,
+            face_position_m=self.book.face_position_m,
+            completed=True,
         )
 
     # --- imaging ------------------------------------------------------------------------------------
@@ -473,7 +497,9 @@ class BridgeDualBeam:
 
         e = self._e
         available = list(self.m.get_available_values("detector_type", e))
-        images, brightness, contrast = {}, {}, {}
+        images: dict[str, np.ndarray] = {}
+        brightness: dict[str, float] = {}
+        contrast: dict[str, float] = {}
         self.m.set_beam_voltage(request.voltage_v, e)
         self.m.set_beam_current(request.current_a, e)
         for det in request.detectors:
@@ -587,5 +613,5 @@ def to_uint16(data: np.ndarray) -> np.ndarray:
     if data.dtype == np.uint16:
         return data
     if data.dtype == np.uint8:
-        return data.astype(np.uint16) * 257
-    return np.clip(data, 0, 65535).astype(np.uint16)
+        return np.asarray(data.astype(np.uint16) * 257, dtype=np.uint16)
+    return np.asarray(np.clip(data, 0, 65535), dtype=np.uint16)
