@@ -59,7 +59,15 @@ from kintsugi_daemon.drivers.base import (
 )
 from kintsugi_daemon.drivers.tiff_wire import TIFF_MEDIA_TYPE, encode_channels
 
-__all__ = ["API_PREFIX", "MAX_BODY_BYTES", "MAX_DEADLINE_S", "build_app", "check_bind", "listen_socket", "serve"]
+__all__ = [
+    "API_PREFIX",
+    "MAX_BODY_BYTES",
+    "MAX_DEADLINE_S",
+    "build_app",
+    "check_bind",
+    "listen_socket",
+    "serve",
+]
 
 MAX_BODY_BYTES = 64 * 1024  # every request is a small JSON document
 STOP_TIMEOUT_S = 10.0  # how long the deadline path waits for the instrument to acknowledge a stop

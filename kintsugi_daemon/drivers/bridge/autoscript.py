@@ -266,8 +266,7 @@ class AutoScriptVerbs:
             self._create(job)
             if before_start is not None:
                 before_start()
-            self._check_stop(job)
-            p.start()
+            p.start()  # a stop from another thread waits for the lock, then sees _started and stops it
             self._started = True
         try:
             self._wait_idle(job)
