@@ -62,6 +62,7 @@ from kintsugi_daemon.drivers.bridge.autoscript import (
     DetectorSetup,
     PatternJob,
 )
+from kintsugi_daemon.drivers.bridge.openfibsem import fibsem_position, grab_one_by_one, run_pattern
 from kintsugi_daemon.service.atomic import write_json_atomic
 
 __all__ = ["APPLICATION_FILES", "Bookkeeping", "BridgeDualBeam"]
@@ -80,6 +81,9 @@ APPLICATION_FILES: dict[str, str] = {
 POLISH_REMOVAL_M = 5e-9  # per pass; the same nominal figure the daemon reconciles a polish with
 AMBIENT_K = 295.0
 GIS_WARMUP_S = 15.0  # DOMAIN.md: heater warm-up to ~300 K, up to 15 s
+STOP_REPEAT_S = 8.0  # within the client's 10 s stop deadline
+STOP_POLL_S = 0.1
+DESTRUCTIVE = frozenset({"deposit_pt", "mill", "polish"})
 DEFAULT_SHIFT_LIMIT_M = 10e-6  # beam-shift limits are read on Thermo only; 10 um is a typical SEM figure
 
 
@@ -302,50 +306,6 @@ class BridgeDualBeam:
 
     # --- destructive steps --------------------------------------------------------------------------
 
-    def _pattern(self, job: PatternJob, current_a: float, voltage_v: float) -> None:
-        """Run one pattern to its end through OpenFIBSEM (no AutoScript): Aborted if stopped."""
-        from fibsem.structures import (
-            BeamType,
-            CrossSectionPattern,
-            FibsemMillingSettings,
-            FibsemRectangleSettings,
-        )
-
-        from kintsugi_daemon.drivers.base import Aborted
-
-        channel = BeamType.ELECTRON if job.beam == "electron" else BeamType.ION
-        hfw = max(job.width_m, job.height_m) * 2.0
-        self.m.setup_milling(
-            FibsemMillingSettings(
-                milling_current=current_a,
-                milling_voltage=voltage_v,
-                hfw=hfw,
-                application_file=job.application_file,  # checked at start (check_application_files)
-                milling_channel=channel,
-            )
-        )
-        cross = {
-            "cleaning_cross_section": CrossSectionPattern.CleaningCrossSection,
-            "regular_cross_section": CrossSectionPattern.RegularCrossSection,
-            "rectangle": CrossSectionPattern.Rectangle,
-        }[job.kind]
-        self.m.draw_rectangle(
-            FibsemRectangleSettings(
-                width=job.width_m,
-                height=job.height_m,
-                depth=job.depth_m,
-                centre_x=job.center_x_m,
-                centre_y=job.center_y_m,
-                cross_section=cross,
-            )
-        )
-        if self._stop.is_set():
-            self.m.clear_patterns()
-            raise Aborted(f"{job.kind} stopped before it started")
-        self.m.run_milling(milling_current=current_a, milling_voltage=voltage_v)
-        if self._stop.is_set():
-            raise Aborted(f"{job.kind} stopped")
-
     def _run_job(self, job: PatternJob) -> None:
         beam = self._i if job.beam == "ion" else self._e
         current = job.current_a if job.current_a is not None else float(self.m.get_beam_current(beam))
@@ -354,7 +314,7 @@ class BridgeDualBeam:
         if self.direct is not None:
             self.direct.run_pattern(job)
         else:
-            self._pattern(job, current, float(self.m.get_beam_voltage(beam)))
+            run_pattern(self.m, job, current, float(self.m.get_beam_voltage(beam)), self._stop)
 
     def _job(
         self,
@@ -464,7 +424,7 @@ class BridgeDualBeam:
                 )
                 brightness, contrast = self.direct.detector_levels(names)
             else:
-                images, brightness, contrast = self._grab_one_by_one(request)
+                images, brightness, contrast = grab_one_by_one(self.m, request)
             return images, brightness, contrast, time.monotonic() - t0
 
         images, brightness, contrast, frame_s = await self._run("acquire", grab)
@@ -488,45 +448,6 @@ class BridgeDualBeam:
             timestamp=time.time(),
         )
         return Acquisition(images, meta)
-
-    def _grab_one_by_one(
-        self, request: AcquireRequest
-    ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
-        """Backends without a multi-view grab: the same frame settings, one detector after another."""
-        from fibsem.structures import ImageSettings
-
-        e = self._e
-        available = list(self.m.get_available_values("detector_type", e))
-        images: dict[str, np.ndarray] = {}
-        brightness: dict[str, float] = {}
-        contrast: dict[str, float] = {}
-        self.m.set_beam_voltage(request.voltage_v, e)
-        self.m.set_beam_current(request.current_a, e)
-        for det in request.detectors:
-            kind = DETECTOR_TYPES[det.name]
-            if kind not in available:
-                raise InvalidRequest(
-                    f"detector {det.name} ({kind}) is not on this instrument (it has {available})",
-                    detail={"field": "detectors"},
-                )
-            self.m.set_detector_type(kind, e)
-            if det.brightness is not None:
-                self.m.set_detector_brightness(det.brightness, e)
-            if det.contrast is not None:
-                self.m.set_detector_contrast(det.contrast, e)
-            image = self.m.acquire_image(
-                ImageSettings(
-                    beam_type=e,
-                    resolution=(request.width_px, request.height_px),
-                    dwell_time=request.dwell_s,
-                    hfw=request.width_px * request.pixel_size_m,
-                    line_integration=request.line_integration if request.line_integration > 1 else None,
-                )
-            )
-            images[det.name] = to_uint16(np.asarray(image.data))
-            brightness[det.name] = float(self.m.get_detector_brightness(e))
-            contrast[det.name] = float(self.m.get_detector_contrast(e))
-        return images, brightness, contrast
 
     async def auto_function(
         self, request: AutoFunctionRequest, *, deadline_s: float | None = None
@@ -564,15 +485,23 @@ class BridgeDualBeam:
     # --- stop and safe state ------------------------------------------------------------------------
 
     async def stop(self, *, deadline_s: float | None = None) -> StopResult:
-        """Not exclusive: it must reach a running verb. Stops patterning, which ends mill/polish/deposit."""
+        """Not exclusive: it must reach a running verb. Stops patterning, which ends mill/polish/deposit.
+
+        While a destructive verb is still running the stop is repeated, so a pattern that was about to
+        start when the first stop landed is stopped as soon as it runs."""
         busy = self._busy
         self._stop.set()
 
         def halt() -> None:
-            if self.direct is not None:
-                self.direct.stop_patterning()
-            else:
-                self.m.stop_milling()
+            give_up = time.monotonic() + STOP_REPEAT_S
+            while True:
+                if self.direct is not None:
+                    self.direct.stop_patterning()
+                else:
+                    self.m.stop_milling()
+                if self._busy not in DESTRUCTIVE or time.monotonic() > give_up:
+                    return
+                time.sleep(STOP_POLL_S)
 
         await self._run("stop", halt, exclusive=False)
         return StopResult(stopped=busy)
@@ -589,29 +518,3 @@ class BridgeDualBeam:
 
         stopped, blanked, retracted = await self._run("safe_state", secure, exclusive=False)
         return SafeStateResult(patterning_stopped=stopped, beams_blanked=blanked, gis_retracted=retracted)
-
-
-def fibsem_position(move: StageMove) -> Any:
-    """StageMove -> FibsemStagePosition (radians). An axis left out stays None, so it is not moved."""
-    from fibsem.structures import FibsemStagePosition
-
-    def rad(deg: float | None) -> float | None:
-        return None if deg is None else math.radians(deg)
-
-    return FibsemStagePosition(
-        x=move.x_m,
-        y=move.y_m,
-        z=move.z_m,
-        r=rad(move.rotation_deg),
-        t=rad(move.tilt_deg),
-        coordinate_system="RAW",
-    )
-
-
-def to_uint16(data: np.ndarray) -> np.ndarray:
-    """8-bit frames (the Demo's, some detectors') scaled to the 16-bit range the daemon stores."""
-    if data.dtype == np.uint16:
-        return data
-    if data.dtype == np.uint8:
-        return np.asarray(data.astype(np.uint16) * 257, dtype=np.uint16)
-    return np.asarray(np.clip(data, 0, 65535), dtype=np.uint16)
