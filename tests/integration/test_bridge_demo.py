@@ -184,3 +184,19 @@ def test_a_demo_run_through_the_bridge_completes(tmp_path: Path) -> None:
     # The daemon's mills went through OpenFIBSEM: the bridge counted them from the patterns it completed.
     book = json.loads((demo_dir / "bridge" / "bridge-state.json").read_text())
     assert book["slices"] == 3 and book["pt_cap_thickness_m"] == pytest.approx(3 * 100e-9)
+
+
+def test_a_missing_application_file_stops_the_bridge_at_start_by_name(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "kintsugi_daemon.cli", "bridge", "--backend", "demo", "--port", "0"),
+            *("--log-dir", str(tmp_path), "--application-file", "deposit=Pt dep (site)"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "['Pt dep (site)']" in result.stderr and "--application-file" in result.stderr
+    assert '"event": "ready"' not in result.stdout
