@@ -36,7 +36,7 @@ from kintsugi_daemon.cli.remote import DaemonView, Operator
 from kintsugi_daemon.config import MqttSettings, parse_recipe
 from kintsugi_daemon.demo.bridge_process import start_bridge
 from kintsugi_daemon.demo.broker import LocalBroker, child_preexec
-from kintsugi_daemon.demo.simulator_process import start_simulator
+from kintsugi_daemon.demo.simulator_process import SimulatorProcess, start_simulator
 from kintsugi_daemon.demo.summary import print_summary, summarise
 from kintsugi_daemon.drivers.base import InstrumentError
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
@@ -372,11 +372,7 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
     logs, runs = demo_dir / "logs", demo_dir / "runs"
     logs.mkdir(parents=True)
     runs.mkdir()
-    segmentation = SHIPPED_MODEL.is_file() and opts.bridge is None
-    if opts.bridge is not None:
-        _say("segmentation off: the bridge's Demo microscope images noise")
-    elif not segmentation:
-        _say(f"segmentation off: the builtin model is not there yet ({SHIPPED_MODEL})")
+    segmentation = _segmentation_on(opts)
     recipe_text = demo_recipe(opts, segmentation)
     parse_recipe(recipe_text, "demo recipe")  # a bad option fails here, before anything starts
     (demo_dir / "recipe.toml").write_text(recipe_text)
@@ -422,26 +418,13 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
             operator_mqtt = MqttSettings(host=broker.host, port=broker.port, username=user, password=password)
 
         # --- instrument: the simulator, or the bridge over OpenFIBSEM's Demo microscope ---
-        if opts.bridge is None:
-            _say("starting the simulator (the first start builds the specimen; cached after) ...")
-        sim_args = [
-            *("--time-scale", repr(opts.time_scale), "--slices", str(opts.slices)),
-            *("--seed", str(opts.seed), "--preset", opts.preset),
-            *("--width-px", str(opts.width_px), "--height-px", str(opts.height_px)),
-            *("--pixel-size-m", repr(opts.pixel_size_m), "--slice-thickness-m", repr(opts.slice_thickness_m)),
-        ]
         # The simulator stops on SIGINT, and a terminal's Ctrl-C reaches the whole process group: start it
         # with SIGINT blocked (inherited across exec) so Ctrl-C aborts the run instead of pulling the
         # instrument away under it. The mask is restored as soon as the loop runs again, i.e. after the fork.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         loop.call_soon(signal.pthread_sigmask, signal.SIG_SETMASK, old_mask)
         try:
-            if opts.bridge is None:
-                server = start_simulator(sim_args, log_path=logs / "simulator.log")
-            else:
-                _say(f"starting kintsugi bridge --backend {opts.bridge} (OpenFIBSEM) ...")
-                server = start_bridge(opts.bridge, demo_dir / "bridge", log_path=logs / "bridge.log")
-            sim = await stack.enter_async_context(server)
+            sim = await stack.enter_async_context(_instrument_server(opts, demo_dir, logs))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if opts.bridge is None:
@@ -570,6 +553,33 @@ async def _watch_run(watcher: asyncio.Task[DaemonView], watch: RunWatch, grace_s
             await asyncio.wait({watcher}, timeout=grace_s)
     finally:
         ended.cancel()
+
+
+def _segmentation_on(opts: DemoOptions) -> bool:
+    if opts.bridge is not None:
+        _say("segmentation off: the bridge's Demo microscope images noise")
+        return False
+    if not SHIPPED_MODEL.is_file():
+        _say(f"segmentation off: the builtin model is not there yet ({SHIPPED_MODEL})")
+        return False
+    return True
+
+
+def _instrument_server(
+    opts: DemoOptions, demo_dir: Path, logs: Path
+) -> contextlib.AbstractAsyncContextManager[SimulatorProcess]:
+    """The simulator sized for this demo, or `kintsugi bridge --backend demo` (`--bridge demo`)."""
+    if opts.bridge is not None:
+        _say(f"starting kintsugi bridge --backend {opts.bridge} (OpenFIBSEM) ...")
+        return start_bridge(opts.bridge, demo_dir / "bridge", log_path=logs / "bridge.log")
+    _say("starting the simulator (the first start builds the specimen; cached after) ...")
+    sim_args = [
+        *("--time-scale", repr(opts.time_scale), "--slices", str(opts.slices)),
+        *("--seed", str(opts.seed), "--preset", opts.preset),
+        *("--width-px", str(opts.width_px), "--height-px", str(opts.height_px)),
+        *("--pixel-size-m", repr(opts.pixel_size_m), "--slice-thickness-m", repr(opts.slice_thickness_m)),
+    ]
+    return start_simulator(sim_args, log_path=logs / "simulator.log")
 
 
 async def _wait_online(operator: Operator, daemon: asyncio.subprocess.Process, log: Path) -> None:
