@@ -35,6 +35,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.add_argument("--height-px", type=int, default=DemoOptions.height_px)
     d.add_argument("--seed", type=int, default=DemoOptions.seed)
     d.add_argument("--preset", choices=["96:2:2", "94:3:3", "90:5:5"], default=DemoOptions.preset)
+    d.add_argument(
+        "--bridge",
+        choices=["demo"],
+        default=None,
+        help="run through `kintsugi bridge --backend demo` (OpenFIBSEM's Demo microscope; the [bridge] "
+        "extra) instead of the simulator: noise images, segmentation off",
+    )
     d.add_argument("--embedded-broker", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(handler=_main)
 
@@ -50,6 +57,7 @@ def _main(args: argparse.Namespace) -> int:
         preset=args.preset,
         broker=args.broker,
         embedded_broker=args.embedded_broker,
+        bridge=args.bridge,
     )
     try:
         return asyncio.run(run_demo(opts))

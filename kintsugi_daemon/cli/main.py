@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "kintsugi_daemon.cli.monitor",
     "kintsugi_daemon.cli.train",
     "kintsugi_daemon.cli.web",
+    "kintsugi_daemon.cli.bridge",
 ]
 
 Handler = Callable[[argparse.Namespace], int]

@@ -34,8 +34,9 @@ from urllib.parse import unquote, urlsplit
 
 from kintsugi_daemon.cli.remote import DaemonView, Operator
 from kintsugi_daemon.config import MqttSettings, parse_recipe
+from kintsugi_daemon.demo.bridge_process import start_bridge
 from kintsugi_daemon.demo.broker import LocalBroker, child_preexec
-from kintsugi_daemon.demo.simulator_process import start_simulator
+from kintsugi_daemon.demo.simulator_process import SimulatorProcess, start_simulator
 from kintsugi_daemon.demo.summary import print_summary, summarise
 from kintsugi_daemon.drivers.base import InstrumentError
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
@@ -62,8 +63,15 @@ class DemoOptions:
     preset: str = "94:3:3"
     broker: str | None = None
     embedded_broker: bool = False
+    bridge: str | None = (
+        None  # "demo": `kintsugi bridge --backend demo` (OpenFIBSEM) instead of the simulator
+    )
 
     def __post_init__(self) -> None:
+        if self.bridge not in (None, "demo"):
+            raise ValueError(
+                f"--bridge must be demo (the others drive a real microscope), got {self.bridge!r}"
+            )
         if not 1 <= self.slices <= 2000:
             raise ValueError(f"--slices must be between 1 and 2000, got {self.slices}")
         if not 0 <= self.time_scale <= 10:
@@ -120,6 +128,10 @@ def _toml(sections: dict[str, dict[str, object]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# OpenFIBSEM's Demo microscope has ETD and TLD (no CBS); its images are noise.
+BRIDGE_DETECTORS = ["tld", "etd"]
+
+
 def demo_recipe(opts: DemoOptions, segmentation: bool) -> str:
     width_m = opts.width_px * opts.pixel_size_m
     height_m = opts.height_px * opts.pixel_size_m
@@ -136,7 +148,7 @@ def demo_recipe(opts: DemoOptions, segmentation: bool) -> str:
             "mill": {"species": "xe", "current_a": 15e-9},
             "polish": {"current_a": 1e-9, "passes": 1},
             "imaging": {
-                "detectors": ["cbs", "tld"],
+                "detectors": BRIDGE_DETECTORS if opts.bridge else ["cbs", "tld"],
                 "width_px": opts.width_px,
                 "height_px": opts.height_px,
                 "pixel_size_m": opts.pixel_size_m,
@@ -153,7 +165,7 @@ def demo_recipe(opts: DemoOptions, segmentation: bool) -> str:
 
 
 def _settings_toml(
-    instrument_id: str, runs: Path, mqtt: MqttSettings, sim_url: str, token: str, ts: float
+    instrument_id: str, runs: Path, mqtt: MqttSettings, sim_url: str, token: str, deadline_scale: float
 ) -> str:
     return _toml(
         {
@@ -169,7 +181,7 @@ def _settings_toml(
                 "password": mqtt.password,
             },
             # Deadlines follow the simulator's time scale, so a stuck step still times out in a demo.
-            "instrument": {"url": sim_url, "token": token, "deadline_scale": max(ts, 0.01)},
+            "instrument": {"url": sim_url, "token": token, "deadline_scale": deadline_scale},
             "logging": {"level": "info", "json_output": True},
         },
         "Written by `kintsugi demo`: daemon settings for this demo only.",
@@ -360,9 +372,7 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
     logs, runs = demo_dir / "logs", demo_dir / "runs"
     logs.mkdir(parents=True)
     runs.mkdir()
-    segmentation = SHIPPED_MODEL.is_file()
-    if not segmentation:
-        _say(f"segmentation off: the builtin model is not there yet ({SHIPPED_MODEL})")
+    segmentation = _segmentation_on(opts)
     recipe_text = demo_recipe(opts, segmentation)
     parse_recipe(recipe_text, "demo recipe")  # a bad option fails here, before anything starts
     (demo_dir / "recipe.toml").write_text(recipe_text)
@@ -407,32 +417,31 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
             user, password = broker.credentials("operator")
             operator_mqtt = MqttSettings(host=broker.host, port=broker.port, username=user, password=password)
 
-        # --- simulator ---
-        _say("starting the simulator (the first start builds the specimen; cached after) ...")
-        sim_args = [
-            *("--time-scale", repr(opts.time_scale), "--slices", str(opts.slices)),
-            *("--seed", str(opts.seed), "--preset", opts.preset),
-            *("--width-px", str(opts.width_px), "--height-px", str(opts.height_px)),
-            *("--pixel-size-m", repr(opts.pixel_size_m), "--slice-thickness-m", repr(opts.slice_thickness_m)),
-        ]
+        # --- instrument: the simulator, or the bridge over OpenFIBSEM's Demo microscope ---
         # The simulator stops on SIGINT, and a terminal's Ctrl-C reaches the whole process group: start it
         # with SIGINT blocked (inherited across exec) so Ctrl-C aborts the run instead of pulling the
         # instrument away under it. The mask is restored as soon as the loop runs again, i.e. after the fork.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         loop.call_soon(signal.pthread_sigmask, signal.SIG_SETMASK, old_mask)
         try:
-            sim = await stack.enter_async_context(start_simulator(sim_args, log_path=logs / "simulator.log"))
+            sim = await stack.enter_async_context(_instrument_server(opts, demo_dir, logs))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        children.record("simulator", sim.process.pid)
-        _say(f"simulator ready at {sim.url} (specimen {sim.ready.get('specimen_shape')})")
+        if opts.bridge is None:
+            children.record("simulator", sim.process.pid)
+            _say(f"simulator ready at {sim.url} (specimen {sim.ready.get('specimen_shape')})")
+        else:
+            children.record("bridge", sim.process.pid)
+            _say(f"bridge ready at {sim.url} ({sim.ready.get('instrument')} via OpenFIBSEM)")
+        # Deadlines follow the simulator's time scale; the bridge runs at the instrument's own pace.
+        deadline_scale = 1.0 if opts.bridge else max(opts.time_scale, 0.01)
 
         # --- daemon ---
         instrument_id = f"demo-{secrets.token_hex(3)}"  # unique: a shared broker may hold others' topics
         settings_path = demo_dir / "settings.toml"
         settings_path.touch(mode=0o600)  # it holds the broker password and the instrument token
         settings_path.write_text(
-            _settings_toml(instrument_id, runs, daemon_mqtt, sim.url, sim.token, opts.time_scale)
+            _settings_toml(instrument_id, runs, daemon_mqtt, sim.url, sim.token, deadline_scale)
         )
         daemon_log = logs / "daemon.log"
         with daemon_log.open("ab") as log:
@@ -544,6 +553,33 @@ async def _watch_run(watcher: asyncio.Task[DaemonView], watch: RunWatch, grace_s
             await asyncio.wait({watcher}, timeout=grace_s)
     finally:
         ended.cancel()
+
+
+def _segmentation_on(opts: DemoOptions) -> bool:
+    if opts.bridge is not None:
+        _say("segmentation off: the bridge's Demo microscope images noise")
+        return False
+    if not SHIPPED_MODEL.is_file():
+        _say(f"segmentation off: the builtin model is not there yet ({SHIPPED_MODEL})")
+        return False
+    return True
+
+
+def _instrument_server(
+    opts: DemoOptions, demo_dir: Path, logs: Path
+) -> contextlib.AbstractAsyncContextManager[SimulatorProcess]:
+    """The simulator sized for this demo, or `kintsugi bridge --backend demo` (`--bridge demo`)."""
+    if opts.bridge is not None:
+        _say(f"starting kintsugi bridge --backend {opts.bridge} (OpenFIBSEM) ...")
+        return start_bridge(opts.bridge, demo_dir / "bridge", log_path=logs / "bridge.log")
+    _say("starting the simulator (the first start builds the specimen; cached after) ...")
+    sim_args = [
+        *("--time-scale", repr(opts.time_scale), "--slices", str(opts.slices)),
+        *("--seed", str(opts.seed), "--preset", opts.preset),
+        *("--width-px", str(opts.width_px), "--height-px", str(opts.height_px)),
+        *("--pixel-size-m", repr(opts.pixel_size_m), "--slice-thickness-m", repr(opts.slice_thickness_m)),
+    ]
+    return start_simulator(sim_args, log_path=logs / "simulator.log")
 
 
 async def _wait_online(operator: Operator, daemon: asyncio.subprocess.Process, log: Path) -> None:

@@ -1,4 +1,4 @@
-"""Start `kintsugi-sim serve` as its own process and wait for its ready line (demo and tests).
+"""Start `kintsugi-sim serve` (or any instrument API server) as its own process and wait for its ready line.
 
 The daemon never imports the simulator: it starts it like any other program and talks to it over the
 instrument API, exactly as it would talk to the AutoScript bridge. The child dies with its parent: it
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["SimulatorProcess", "start_simulator"]
+__all__ = ["SimulatorProcess", "start_server", "start_simulator"]
 
 READY_TIMEOUT_S = 300.0  # the first start builds the specimen (cached afterwards)
 _PR_SET_PDEATHSIG = 1
@@ -83,18 +83,30 @@ async def start_simulator(
 ) -> AsyncIterator[SimulatorProcess]:
     """`args` are extra `kintsugi-sim serve` flags; the port is chosen free and the token random."""
     token = token or secrets.token_urlsafe(24)
+    command = [sys.executable, "-m", "simulator.cli", "serve", "--port", "0", "--exit-on-stdin-eof", *args]
     env = dict(os.environ, KINTSUGI_SIM_TOKEN=token)
+    async with start_server(
+        command, name="kintsugi-sim", token=token, env=env, log_path=log_path, ready_timeout_s=ready_timeout_s
+    ) as sim:
+        yield sim
+
+
+@asynccontextmanager
+async def start_server(
+    command: Sequence[str],
+    *,
+    name: str,
+    token: str,
+    env: dict[str, str],
+    log_path: Path | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> AsyncIterator[SimulatorProcess]:
+    """Start an instrument API server (`command`, which prints a JSON ready line with its `url` on stdout
+    and exits on stdin EOF) and stop it on exit. Serves the simulator and the bridge alike."""
     log: IO[bytes] | None = open(log_path, "ab") if log_path else None  # noqa: SIM115
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "simulator.cli",
-            "serve",
-            "--port",
-            "0",
-            "--exit-on-stdin-eof",
-            *args,
+            *command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=log if log is not None else asyncio.subprocess.DEVNULL,
@@ -110,18 +122,18 @@ async def start_simulator(
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), ready_timeout_s)
         except TimeoutError:
-            raise RuntimeError(f"kintsugi-sim did not become ready within {ready_timeout_s:g} s") from None
+            raise RuntimeError(f"{name} did not become ready within {ready_timeout_s:g} s") from None
         if not line:
             code = await proc.wait()
             raise RuntimeError(
-                f"kintsugi-sim exited with status {code} before it was ready"
+                f"{name} exited with status {code} before it was ready"
                 + (f"; see {log_path}" if log_path else "")
             )
         try:
             ready = json.loads(line)
             url = str(ready["url"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise RuntimeError(f"kintsugi-sim printed no ready line: {line[:200]!r}") from exc
+            raise RuntimeError(f"{name} printed no ready line: {line[:200]!r}") from exc
         drain = asyncio.create_task(_discard(proc.stdout))
         sim = SimulatorProcess(url=url, token=token, process=proc, ready=ready, _drain=drain)
         yield sim

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
+    "API_PREFIX",
     "DEFAULT_DEADLINES_S",
+    "MAX_DEADLINE_S",
     "Aborted",
     "AcquireRequest",
     "Acquisition",
@@ -54,6 +56,7 @@ __all__ = [
     "StopResult",
     "StrictModel",
     "Unauthorized",
+    "Unsupported",
     "error_from_body",
 ]
 
@@ -69,6 +72,9 @@ Seconds = Annotated[float, Field(gt=0, le=3600)]
 MAX_FRAME_TIME_S = 3600.0  # one image; longer is a typo (dwell in s instead of us), not a plan
 MAX_EDX_POINTS = 4096 * 4096  # EDX grid points: beyond this the maps alone would not fit in memory
 MAX_EDX_TIME_S = 24 * 3600.0
+# The wire's constants, here so that the client needs nothing from the server module.
+API_PREFIX = "/v1"
+MAX_DEADLINE_S = 24 * 3600.0
 
 
 class StrictModel(BaseModel):
@@ -139,6 +145,13 @@ class Unauthorized(InstrumentError):
     kind = "unauthorized"
 
 
+class Unsupported(InstrumentError):
+    """This instrument cannot do the verb at all (e.g. EDX where the bridge has no API for it); nothing
+    was done, and asking again will not help. `detail['verb']` names it."""
+
+    kind = "unsupported"
+
+
 _ERRORS: dict[str, type[InstrumentError]] = {
     cls.kind: cls
     for cls in (
@@ -149,6 +162,7 @@ _ERRORS: dict[str, type[InstrumentError]] = {
         DeadlineExceeded,
         InstrumentBusy,
         Unauthorized,
+        Unsupported,
     )
 }
 

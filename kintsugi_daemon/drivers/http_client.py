@@ -20,7 +20,9 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from kintsugi_daemon.drivers.base import (
+    API_PREFIX,
     DEFAULT_DEADLINES_S,
+    MAX_DEADLINE_S,
     AcquireRequest,
     Acquisition,
     AcquisitionMetadata,
@@ -50,7 +52,6 @@ from kintsugi_daemon.drivers.base import (
     Unauthorized,
     error_from_body,
 )
-from kintsugi_daemon.drivers.server import API_PREFIX, MAX_DEADLINE_S
 from kintsugi_daemon.drivers.tiff_wire import decode_channels
 
 __all__ = ["HttpDualBeam"]

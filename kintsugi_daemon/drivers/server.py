@@ -31,7 +31,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kintsugi_daemon.drivers.base import (
+    API_PREFIX,
     DEFAULT_DEADLINES_S,
+    MAX_DEADLINE_S,
     AcquireRequest,
     AutoFunctionRequest,
     AutoFunctionResult,
@@ -57,11 +59,17 @@ from kintsugi_daemon.drivers.base import (
 )
 from kintsugi_daemon.drivers.tiff_wire import TIFF_MEDIA_TYPE, encode_channels
 
-__all__ = ["API_PREFIX", "MAX_BODY_BYTES", "build_app", "check_bind", "listen_socket", "serve"]
+__all__ = [
+    "API_PREFIX",
+    "MAX_BODY_BYTES",
+    "MAX_DEADLINE_S",
+    "build_app",
+    "check_bind",
+    "listen_socket",
+    "serve",
+]
 
-API_PREFIX = "/v1"
 MAX_BODY_BYTES = 64 * 1024  # every request is a small JSON document
-MAX_DEADLINE_S = 24 * 3600.0
 STOP_TIMEOUT_S = 10.0  # how long the deadline path waits for the instrument to acknowledge a stop
 # Served without a token even when one is set: liveness and the API description, nothing instrument.
 PUBLIC_PATHS = frozenset(
@@ -76,6 +84,7 @@ _STATUS = {
     "instrument_fault": 503,
     "comms_lost": 502,
     "deadline_exceeded": 504,
+    "unsupported": 501,
 }
 
 T = TypeVar("T")
