@@ -271,11 +271,20 @@ class Recipe(Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _describe(source: str, exc: ValidationError) -> ConfigError:
+def _describe(
+    source: str, exc: ValidationError, env_names: Mapping[tuple[str, ...], str] | None = None
+) -> ConfigError:
+    """One line per error, naming the file and key, or the environment variable that set the key:
+    `KINTSUGI_MQTT__PORT=abc` must not send the admin hunting through a settings file that is fine."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{source}: {key}: {err['msg']}")
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        env_name = next(
+            (name for n in range(len(loc), 0, -1) if (name := (env_names or {}).get(loc[:n]))), None
+        )
+        where = f"environment {env_name}" if env_name else source
+        lines.append(f"{where}: {key}: {err['msg']}")
     return ConfigError("\n".join(lines))
 
 
@@ -287,10 +296,15 @@ def _env_value(text: str) -> Any:
 
 
 def _apply_env(
-    data: dict[str, Any], env: Mapping[str, str], prefix: str, keys: frozenset[str]
+    data: dict[str, Any],
+    env: Mapping[str, str],
+    prefix: str,
+    keys: frozenset[str],
+    env_names: dict[tuple[str, ...], str] | None = None,
 ) -> dict[str, Any]:
     """Overlay `KINTSUGI_<KEY>` / `KINTSUGI_<SECTION>__<KEY>` variables whose first part is a settings key;
-    other KINTSUGI_* variables (the simulator's cache and token, say) belong to other programs."""
+    other KINTSUGI_* variables (the simulator's cache and token, say) belong to other programs.
+    `env_names` collects which variable set which key, for error messages."""
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for name, raw in env.items():
         if not name.startswith(prefix):
@@ -304,14 +318,21 @@ def _apply_env(
             if not isinstance(node, dict):
                 raise ConfigError(f"environment {name}: {part} is not a section")
         node[path[-1]] = _env_value(raw)
+        if env_names is not None:
+            env_names[tuple(path)] = name
     return merged
 
 
-def _parse(model: type[M], data: dict[str, Any], source: str) -> M:
+def _parse(
+    model: type[M],
+    data: dict[str, Any],
+    source: str,
+    env_names: Mapping[tuple[str, ...], str] | None = None,
+) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _describe(source, exc) from None
+        raise _describe(source, exc, env_names) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -327,11 +348,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> DaemonSettings:
     data = _read_toml(path) if path is not None else {}
+    env_names: dict[tuple[str, ...], str] = {}
     data = _apply_env(
-        data, os.environ if env is None else env, ENV_PREFIX, frozenset(DaemonSettings.model_fields)
+        data,
+        os.environ if env is None else env,
+        ENV_PREFIX,
+        frozenset(DaemonSettings.model_fields),
+        env_names,
     )
     # TOML has no path type: accept strings for Path fields by validating in lax mode for those only.
-    return _parse(DaemonSettings, _paths_to_objects(data, DaemonSettings), str(path or "environment"))
+    return _parse(
+        DaemonSettings, _paths_to_objects(data, DaemonSettings), str(path or "environment"), env_names
+    )
 
 
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:
