@@ -31,6 +31,7 @@ __all__ = [
     "MillSettings",
     "MqttSettings",
     "NotifySettings",
+    "OperatorCredentials",
     "PolishSettings",
     "PtSettings",
     "Recipe",
@@ -89,6 +90,20 @@ class InstrumentSettings(Strict):
         if self.token_file is not None:
             return self.token_file.read_text().strip()
         return self.token
+
+
+class OperatorCredentials(Strict):
+    """`[operator]`: who `kintsugi start|pause|status|watch ...` log in as. Never the daemon's own
+    `[mqtt]` user: the ACL lets the daemon neither send commands nor read its status back."""
+
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+
+    def resolved_password(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password
 
 
 class LoggingSettings(Strict):
@@ -152,6 +167,7 @@ class DaemonSettings(Strict):
     notify: NotifySettings = NotifySettings()
     home_assistant: HomeAssistantSettings = HomeAssistantSettings()
     web: WebSettings = WebSettings()
+    operator: OperatorCredentials = OperatorCredentials()
 
     @property
     def journal_file(self) -> Path:
