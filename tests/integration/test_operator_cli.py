@@ -82,7 +82,7 @@ async def test_operator_commands_log_in_as_the_operator_not_the_daemon(
     topics = Topics(instrument)
     await publish_as_daemon(broker, topics.status, status_payload("faulted"))
     alert = {"id": "instrument_fault", "severity": "critical", "message": "stage stuck", "since": 1.0}
-    await publish_as_daemon(broker, topics.alert(alert["id"]), json.dumps(alert).encode())
+    await publish_as_daemon(broker, topics.alert("instrument_fault"), json.dumps(alert).encode())
     config = daemon_config(tmp_path, instrument, broker.port)
     env = {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": USERS["operator"]}
     done = await asyncio.to_thread(kintsugi, "status", "--json", "--config", str(config), env=env)
