@@ -50,20 +50,39 @@ SHUTDOWN_STEP_WAIT_S = 900.0  # how long SIGTERM waits for the step in progress 
 
 
 def configure_logging(level: str, json_output: bool) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stdout, format="%(message)s")
+    """One log stream: structlog's events and the standard-library records of the MQTT link and of
+    libraries go through the same renderer, so with json_output every line is one JSON object."""
+    numeric = logging.getLevelName(level.upper())
+    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    stamped: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamped],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric)
     # Library chatter (every HTTP request, every transition callback) would drown the JSON log.
     for noisy in ("httpx", "httpcore", "transitions"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
-    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, numeric))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamped,
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )

@@ -109,6 +109,11 @@ def run_demo(out: Path, cache: Path, *extra: str, env: dict[str, str] | None = N
     ]
     assert positions == sorted(positions) and positions[0] > 0
     assert "daemon            exited with status 0, said offline" in proc.stdout
+    # The daemon's log is JSON throughout: the MQTT link's standard-library lines included.
+    log_lines = (demo_dir / "logs" / "daemon.log").read_text().splitlines()
+    assert any("mqtt: connected" in line for line in log_lines)
+    for line in log_lines:
+        assert isinstance(json.loads(line), dict), line
 
     # Broker, simulator and daemon are all gone.
     pids = json.loads((demo_dir / "pids.json").read_text())
