@@ -73,6 +73,9 @@ class MqttSettings(Strict):
     client_id: str | None = None  # default kintsugi-daemon-<instrument_id>: a second daemon kicks the first
     # The broker declares the daemon lost (Last Will) after 1.5 x keepalive of silence.
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    # "5" lets the daemon see the retain flag of commands sent during a run (and refuse them);
+    # "3.1.1" only for a broker without MQTT 5 support.
+    protocol: Literal["5", "3.1.1"] = "5"
 
     def resolved_password(self) -> str | None:
         if self.password_file is not None:

@@ -179,6 +179,7 @@ def _settings_toml(
                 "port": mqtt.port,
                 "username": mqtt.username,
                 "password": mqtt.password,
+                "protocol": mqtt.protocol,
             },
             # Deadlines follow the simulator's time scale, so a stuck step still times out in a demo.
             "instrument": {"url": sim_url, "token": token, "deadline_scale": deadline_scale},
@@ -413,7 +414,13 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
                 what = f"embedded amqtt broker ({EMBEDDED_ENV}=1)"
             _say(f"broker: {what} at {broker.url}")
             user, password = broker.credentials("daemon")
-            daemon_mqtt = MqttSettings(host=broker.host, port=broker.port, username=user, password=password)
+            daemon_mqtt = MqttSettings(
+                host=broker.host,
+                port=broker.port,
+                username=user,
+                password=password,
+                protocol="5" if broker.kind == "mosquitto" else "3.1.1",  # amqtt speaks 3.1.1 only
+            )
             user, password = broker.credentials("operator")
             operator_mqtt = MqttSettings(host=broker.host, port=broker.port, username=user, password=password)
 
