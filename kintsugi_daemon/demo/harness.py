@@ -527,10 +527,19 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
         alerts=watch.alerts,
         daemon_exit=daemon_exit_text,
     )
+    report_ok = True
+    if (run_dir / "run.json").is_file():
+        from kintsugi_daemon.report import write_report  # matplotlib loads only when a report is due
+
+        try:
+            summary["report"] = (await asyncio.to_thread(write_report, run_dir, None)).html
+        except Exception as exc:  # the run's data is safe on disk; say why the report is missing
+            _say(f"the report could not be written: {type(exc).__name__}: {exc}")
+            report_ok = False
     print_summary(summary, run_dir)
     if interrupted:
         return 130
-    return 0 if summary["state"] == "done" and code == 0 else 1
+    return 0 if summary["state"] == "done" and code == 0 and report_ok else 1
 
 
 async def _until(
