@@ -98,7 +98,9 @@ def _surface_um2(mask: np.ndarray, voxel_um: tuple[float, float, float]) -> floa
         return 0.0
     from skimage.measure import marching_cubes, mesh_surface_area
 
-    padded = np.pad(mask.astype(np.float32), 1, mode="edge")
+    # Marching cubes on a raw binary mask traces every voxel step and overestimates a smooth surface by
+    # about 13 % (a sphere's); a one-voxel Gaussian first brings it within a few percent.
+    padded = ndi.gaussian_filter(np.pad(mask.astype(np.float32), 2, mode="edge"), sigma=1.0, mode="nearest")
     verts, faces, _normals, _values = marching_cubes(  # type: ignore[no-untyped-call]
         padded, level=0.5, spacing=voxel_um
     )
