@@ -303,8 +303,28 @@ def _describe(
             (name for n in range(len(loc), 0, -1) if (name := (env_names or {}).get(loc[:n]))), None
         )
         where = f"environment {env_name}" if env_name else source
-        lines.append(f"{where}: {key}: {err['msg']}")
+        lines.append(f"{where}: {key}: {_message(err, loc)}")
     return ConfigError("\n".join(lines))
+
+
+_BOUNDS = {
+    "less_than_equal": ("less than or equal to", "le"),
+    "less_than": ("less than", "lt"),
+    "greater_than_equal": ("greater than or equal to", "ge"),
+    "greater_than": ("greater than", "gt"),
+}
+_UNITS = {"_a": " A", "_m": " m", "_s": " s", "_v": " V", "_k": " K", "_pa": " Pa", "_deg": " deg"}
+
+
+def _message(err: Any, loc: tuple[str, ...]) -> str:
+    """Pydantic's message, except that a bound reads as a physicist writes it: `2.5e-06 A`, not
+    `0.0000025` (the unit from the key's SI suffix), with the value that was given."""
+    bound = _BOUNDS.get(err["type"])
+    limit = (err.get("ctx") or {}).get(bound[1]) if bound else None
+    if bound is None or not isinstance(limit, int | float):
+        return str(err["msg"])
+    unit = next((u for suffix, u in _UNITS.items() if loc and loc[-1].endswith(suffix)), "")
+    return f"Input should be {bound[0]} {limit:g}{unit} (got {err['input']!r})"
 
 
 def _env_value(text: str) -> Any:
