@@ -114,6 +114,7 @@ class Service:
         self.notifier = Notifier(settings.notify, settings.instrument_id)
         self._published_alerts: set[str] = set()
         self._last_preview: tuple[str, int] | None = None
+        self._retained_lock = asyncio.Lock()
         self._last_slice: dict[str, Any] | None = None
         self._last_metrics: dict[str, Any] | None = None
         self._pending: set[asyncio.Task[Any]] = set()
@@ -211,6 +212,12 @@ class Service:
         task.add_done_callback(self._pending.discard)
 
     async def _publish_retained(self) -> None:
+        # One at a time: every state change spawns this, and two runs interleaved at their awaits would
+        # both find an alert (or a slice) unpublished and publish it twice.
+        async with self._retained_lock:
+            await self._publish_retained_now()
+
+    async def _publish_retained_now(self) -> None:
         if not self.link.connected:
             return  # re-asserted from the providers on the next connect
         await self.link.publish_status()
