@@ -115,7 +115,7 @@ async def test_unreachable_broker_says_which_address(instrument: str, tmp_path: 
 async def test_no_daemon_reply_says_what_to_check(broker: Broker, instrument: str, tmp_path: Path) -> None:
     config = daemon_config(tmp_path, instrument, broker.port)
     env = {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": USERS["operator"]}
-    done = await asyncio.to_thread(kintsugi, "pause", "--config", str(config), env=env)
+    done = await asyncio.to_thread(kintsugi, "pause", "--config", str(config), "--timeout", "1", env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"no reply to pause within 1 s from instrument {instrument!r}" in done.stderr
     assert "kintsugi status" in done.stderr and "ACL" in done.stderr
