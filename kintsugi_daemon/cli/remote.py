@@ -85,8 +85,10 @@ class DaemonView:
         p = self.progress or {}
         lines = [f"daemon   {s.get('state', '?')}  {s.get('path') or ''}  {s.get('reason') or ''}".rstrip()]
         if p.get("run_id"):
-            eta = p.get("eta_s")
+            eta, sigma = p.get("eta_s"), p.get("eta_uncertainty_s")
             eta_text = f"{eta / 60:.1f} min" if isinstance(eta, int | float) else "?"
+            if isinstance(eta, int | float) and isinstance(sigma, int | float):
+                eta_text = f"{eta / 60:.1f} ± {sigma / 60:.1f} min"
             lines.append(
                 f"run      {p['run_id']}  slice {p.get('slice')}/{p.get('total')}  "
                 f"step {p.get('step') or '-'}  {p.get('percent', 0):.1f} %  ETA {eta_text}"

@@ -42,6 +42,7 @@ from kintsugi_daemon.states.checkpoint import (
     slice_period_s,
 )
 from kintsugi_daemon.states.guards import GuardReading, Guards
+from kintsugi_daemon.states.identity import watch_identity
 from kintsugi_daemon.states.preflight import preflight_problem
 from kintsugi_daemon.states.run import ActiveRun, CommandRefused, Interrupted, Refused
 from kintsugi_daemon.states.segmentation import SegmentationPipeline
@@ -53,6 +54,8 @@ __all__ = ["ActiveRun", "CommandRefused", "Controller"]
 log = structlog.get_logger("kintsugi.controller")
 
 SAFE_STATE_DEADLINE_S = 60.0
+# Triggers after which the slice in progress no longer measures the instrument's pace.
+_INTERRUPTING = frozenset({"pause", "paused", "suspend", "fault", "halt", "recovered"})
 
 
 class Controller:
@@ -79,12 +82,15 @@ class Controller:
         self.stop_requested = False
         self.alert_board = Alerts(journal, self._run_id, lambda: self.on_change())
         self.products = SliceProducts(journal)
-        self.segmentation = SegmentationPipeline(journal, self.alert_board, self._segmented)
+        self.segmentation = SegmentationPipeline(
+            journal, self.alert_board, self._segmented, self._segmentation_failed
+        )
         self._task: asyncio.Task[None] | None = None
         self._interrupt: str | None = None  # "pause" | "abort" | "halt" while an immediate stop is in flight
         self._wake = asyncio.Event()
         self._guards: Guards | None = None
         self._guard_task: asyncio.Task[None] | None = None
+        self._identity_task: asyncio.Task[None] | None = None
         self.completions = Completions(journal)
 
     @property
@@ -132,6 +138,8 @@ class Controller:
             self.completions.flush()
             self.journal.set_state(dest, reason, run_id, events=drafts)
         await getattr(self, trigger)()
+        if self.run is not None and trigger in _INTERRUPTING:
+            self.run.slice_interrupted = True
         self.reason = reason
         self.since = time.time()
         log.info("state", state=self.state, trigger=trigger, reason=reason, run_id=run_id)
@@ -152,6 +160,10 @@ class Controller:
     # --- start-up and recovery --------------------------------------------------------------------
 
     async def boot(self) -> None:
+        self._identity_task = asyncio.create_task(
+            watch_identity(self.instrument, self.settings.instrument.url, self.alert_board),
+            name="kintsugi-identity",
+        )
         record = self.journal.active_run()
         if record is None:
             await self.fire("booted", reason="started")
@@ -194,7 +206,11 @@ class Controller:
 
     async def close(self) -> None:
         """Cancel every task this controller runs (after shutdown, or when a test ends)."""
-        tasks = [t for t in (self._task, self._guard_task, *self.segmentation.tasks()) if t is not None]
+        tasks = [
+            t
+            for t in (self._task, self._guard_task, self._identity_task, *self.segmentation.tasks())
+            if t is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -487,7 +503,9 @@ class Controller:
                 ],
             )
         run.next_slice = index + 1
-        run.slice_times.append(period)
+        if not run.slice_interrupted:  # waiting for an operator or a guard is not the instrument's pace
+            run.slice_times.append(period)
+        run.slice_interrupted = False
         self.products.checkpointed(run, index)
         if manifest_due(run):
             run.storage.write_manifest(manifest(run, None))
@@ -495,4 +513,8 @@ class Controller:
 
     def _segmented(self, run: ActiveRun, index: int, metrics: dict[str, Any], files: dict[str, str]) -> None:
         self.products.segmented(run, index, metrics, files)
+        self.on_change()
+
+    def _segmentation_failed(self, index: int) -> None:
+        self.products.unsegmented(index)
         self.on_change()

@@ -32,6 +32,7 @@ class ActiveRun:
     total: int
     next_slice: int = 0
     started: float = field(default_factory=time.time)
-    slice_times: list[float] = field(default_factory=list)
+    slice_times: list[float] = field(default_factory=list)  # periods of uninterrupted slices (the ETA)
+    slice_interrupted: bool = False  # paused, suspended or faulted since the slice began
     acquisition: Acquisition | None = None  # the last image, for segmentation
     face_m: float = 0.0

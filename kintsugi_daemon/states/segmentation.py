@@ -40,13 +40,22 @@ REQUIRED_CLASSES = ("pore", "unfilled_pore", "active", "cbd")
 
 # Called when a slice's segmentation is journaled: (run, slice, numeric metrics, product files).
 Segmented = Callable[[ActiveRun, int, dict[str, Any], dict[str, str]], None]
+# Called when it failed: (slice).
+Unsegmented = Callable[[int], None]
 
 
 class SegmentationPipeline:
-    def __init__(self, journal: Journal, alerts: Alerts, on_segmented: Segmented) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        alerts: Alerts,
+        on_segmented: Segmented,
+        on_failed: Unsegmented = lambda _index: None,
+    ) -> None:
         self._journal = journal
         self._alerts = alerts
         self._on_segmented = on_segmented
+        self._on_failed = on_failed
         self._model: SegmentationModel | None = None
         self._model_key: tuple[str, str, int | None] | None = None  # what `_model` was loaded from
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -140,6 +149,7 @@ class SegmentationPipeline:
                 ],
             )
             self._alerts.raise_("segmentation", "warning", f"slice {index}: segmentation failed: {exc}")
+            self._on_failed(index)
             return
         finally:
             self._running.pop(index, None)

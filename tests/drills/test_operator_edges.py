@@ -23,6 +23,7 @@ import aiomqtt
 import httpx
 import pytest
 
+from kintsugi_daemon.cli.remote import DaemonView
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.service.messages import Topics
 from tests.drills.test_daemon_drills import INSTRUMENT_ID, RECIPE, SLICES, Drill, drill
@@ -165,3 +166,34 @@ async def test_wrong_instrument_token_is_an_alert_at_boot(
         assert alert["severity"] == "critical"
         assert drill.sim.url in alert["message"] and "token" in alert["message"]
         assert (view.status or {}).get("path") == "idle"  # nothing started, nothing touched
+
+
+async def test_eta_ignores_a_pause_and_says_how_sure_it_is(drill: Drill) -> None:
+    """An operator's pause inside slice 1 is not the instrument's pace: the ETA per remaining slice
+    after it stays where slice 0 put it (the mean of periods jumped by the pause's length)."""
+    async with daemon_running(drill, "daemon.log"):
+        await drill.wait_for("idle")
+        progress: dict[int, dict[str, object]] = {}
+
+        def record(view: DaemonView) -> bool:
+            p = view.progress or {}
+            if isinstance(p.get("slice"), int):
+                progress[p["slice"]] = p  # the last progress of each slice count
+            return (view.status or {}).get("path") == "done"
+
+        watcher = asyncio.create_task(drill.operator().watch(record, timeout_s=120))
+        assert (await drill.operator().command("start", {"recipe": RECIPE}))["accepted"]
+        await drill.operator().watch(
+            lambda v: (v.status or {}).get("path") == "running.mill" and (v.progress or {}).get("slice") == 1,
+            timeout_s=60,
+        )
+        assert (await drill.operator().command("pause"))["accepted"]
+        await drill.wait_for("paused")
+        await asyncio.sleep(4.0)  # the operator looks at the instrument for a while
+        assert (await drill.operator().command("resume"))["accepted"]
+        await watcher
+    after_0, after_1 = progress[1], progress[2]
+    pace_0 = float(after_0["eta_s"]) / (SLICES - 1)  # type: ignore[arg-type]
+    pace_1 = float(after_1["eta_s"]) / (SLICES - 2)  # type: ignore[arg-type]
+    assert pace_1 < 1.5 * pace_0, (after_0, after_1)
+    assert isinstance(after_1["eta_uncertainty_s"], float) and float(after_1["eta_uncertainty_s"]) > 0
