@@ -11,6 +11,7 @@ the simulator process, `kintsugi serve` and the `kintsugi` command line.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import signal
@@ -122,7 +123,9 @@ async def test_latest_slice_once_per_slice_with_metrics(drill: Drill) -> None:
         await drill.wait_for("idle")
         assert (await drill.operator().command("start", {"recipe": SEGMENTED}))["accepted"]
         await drill.wait_for("done", timeout_s=120)
-        await drill.operator().snapshot()  # a round trip through the broker: earlier publishes are in
+        view = await drill.operator().snapshot()  # a round trip through the broker: earlier publishes are in
+    # One version: the description topic says what the package metadata says.
+    assert (view.description or {}).get("version") == importlib.metadata.version("kintsugi-daemon")
     latest = [json.loads(p) for p in heard.on("slices/latest")]
     assert [s["slice"] for s in latest] == list(range(SLICES))  # once each, in order
     assert all(s["metrics"].get("porosity") is not None for s in latest)
