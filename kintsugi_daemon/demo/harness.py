@@ -527,19 +527,25 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
         alerts=watch.alerts,
         daemon_exit=daemon_exit_text,
     )
-    report_ok = True
-    if (run_dir / "run.json").is_file():
-        from kintsugi_daemon.report import write_report  # matplotlib loads only when a report is due
-
-        try:
-            summary["report"] = (await asyncio.to_thread(write_report, run_dir, None)).html
-        except Exception as exc:  # the run's data is safe on disk; say why the report is missing
-            _say(f"the report could not be written: {type(exc).__name__}: {exc}")
-            report_ok = False
+    report_ok = await _write_report(run_dir, summary)
     print_summary(summary, run_dir)
     if interrupted:
         return 130
     return 0 if summary["state"] == "done" and code == 0 and report_ok else 1
+
+
+async def _write_report(run_dir: Path, summary: dict[str, Any]) -> bool:
+    """The morning report of the demo's run; its path goes on the summary. False if it failed."""
+    if not (run_dir / "run.json").is_file():
+        return True  # no run to report on (refused or interrupted before it began)
+    from kintsugi_daemon.report import write_report  # matplotlib loads only when a report is due
+
+    try:
+        summary["report"] = (await asyncio.to_thread(write_report, run_dir, None)).html
+    except Exception as exc:  # the run's data is safe on disk; say why the report is missing
+        _say(f"the report could not be written: {type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 async def _until(
