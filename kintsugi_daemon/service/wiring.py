@@ -40,6 +40,7 @@ from kintsugi_daemon.service.notify import Notifier, Observation
 from kintsugi_daemon.service.preview import preview_png
 from kintsugi_daemon.service.sdnotify import notify, watchdog_interval_s
 from kintsugi_daemon.states.controller import CommandRefused, Controller
+from kintsugi_daemon.states.identity import watch_identity
 from kintsugi_daemon.states.table import STATES
 
 __all__ = ["Service", "configure_logging", "run_service"]
@@ -290,6 +291,9 @@ class Service:
                 link_task = tg.create_task(self.link.run(), name="mqtt")
                 notifier = tg.create_task(self.notifier.run(), name="notify")
                 watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                # A wrong instrument token or URL is an alert now, not when a run is started.
+                url, alerts = self.settings.instrument.url, self.controller.alert_board
+                identity = tg.create_task(watch_identity(self.instrument, url, alerts), name="identity")
                 notify(ready="1", status=f"{self.controller.state}")
                 log.info("ready", state=self.controller.state, session=self.session)
                 await self._stopping.wait()
@@ -298,6 +302,7 @@ class Service:
                 self.link.close()  # drains the outbox, then publishes `offline` before disconnecting
                 await link_task
                 watchdog.cancel()
+                identity.cancel()
                 await self.notifier.flush(self.settings.notify.timeout_s)
                 notifier.cancel()
         finally:

@@ -42,9 +42,8 @@ from kintsugi_daemon.states.checkpoint import (
     slice_period_s,
 )
 from kintsugi_daemon.states.guards import GuardReading, Guards
-from kintsugi_daemon.states.identity import watch_identity
 from kintsugi_daemon.states.preflight import preflight_problem
-from kintsugi_daemon.states.run import ActiveRun, CommandRefused, Interrupted, Refused
+from kintsugi_daemon.states.run import INTERRUPTING, ActiveRun, CommandRefused, Interrupted, Refused
 from kintsugi_daemon.states.segmentation import SegmentationPipeline
 from kintsugi_daemon.states.step_journal import Completions, record_failure
 from kintsugi_daemon.states.table import build_machine, destination
@@ -54,8 +53,6 @@ __all__ = ["ActiveRun", "CommandRefused", "Controller"]
 log = structlog.get_logger("kintsugi.controller")
 
 SAFE_STATE_DEADLINE_S = 60.0
-# Triggers after which the slice in progress no longer measures the instrument's pace.
-_INTERRUPTING = frozenset({"pause", "paused", "suspend", "fault", "halt", "recovered"})
 
 
 class Controller:
@@ -83,14 +80,13 @@ class Controller:
         self.alert_board = Alerts(journal, self._run_id, lambda: self.on_change())
         self.products = SliceProducts(journal)
         self.segmentation = SegmentationPipeline(
-            journal, self.alert_board, self._segmented, self._segmentation_failed
+            journal, self.alert_board, self.products, lambda: self.on_change()
         )
         self._task: asyncio.Task[None] | None = None
         self._interrupt: str | None = None  # "pause" | "abort" | "halt" while an immediate stop is in flight
         self._wake = asyncio.Event()
         self._guards: Guards | None = None
         self._guard_task: asyncio.Task[None] | None = None
-        self._identity_task: asyncio.Task[None] | None = None
         self.completions = Completions(journal)
 
     @property
@@ -138,7 +134,7 @@ class Controller:
             self.completions.flush()
             self.journal.set_state(dest, reason, run_id, events=drafts)
         await getattr(self, trigger)()
-        if self.run is not None and trigger in _INTERRUPTING:
+        if self.run is not None and trigger in INTERRUPTING:
             self.run.slice_interrupted = True
         self.reason = reason
         self.since = time.time()
@@ -160,10 +156,6 @@ class Controller:
     # --- start-up and recovery --------------------------------------------------------------------
 
     async def boot(self) -> None:
-        self._identity_task = asyncio.create_task(
-            watch_identity(self.instrument, self.settings.instrument.url, self.alert_board),
-            name="kintsugi-identity",
-        )
         record = self.journal.active_run()
         if record is None:
             await self.fire("booted", reason="started")
@@ -206,11 +198,7 @@ class Controller:
 
     async def close(self) -> None:
         """Cancel every task this controller runs (after shutdown, or when a test ends)."""
-        tasks = [
-            t
-            for t in (self._task, self._guard_task, self._identity_task, *self.segmentation.tasks())
-            if t is not None
-        ]
+        tasks = [t for t in (self._task, self._guard_task, *self.segmentation.tasks()) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -503,18 +491,8 @@ class Controller:
                 ],
             )
         run.next_slice = index + 1
-        if not run.slice_interrupted:  # waiting for an operator or a guard is not the instrument's pace
-            run.slice_times.append(period)
-        run.slice_interrupted = False
+        run.record_period(period)
         self.products.checkpointed(run, index)
         if manifest_due(run):
             run.storage.write_manifest(manifest(run, None))
-        self.on_change()
-
-    def _segmented(self, run: ActiveRun, index: int, metrics: dict[str, Any], files: dict[str, str]) -> None:
-        self.products.segmented(run, index, metrics, files)
-        self.on_change()
-
-    def _segmentation_failed(self, index: int) -> None:
-        self.products.unsegmented(index)
         self.on_change()
