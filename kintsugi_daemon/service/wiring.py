@@ -115,10 +115,9 @@ class Service:
         self.notifier = Notifier(settings.notify, settings.instrument_id)
         self._published_alerts: set[str] = set()
         self._last_preview: tuple[str, int] | None = None
-        self._retained_lock = asyncio.Lock()
+        self._retained_dirty = asyncio.Event()
         self._last_slice: dict[str, Any] | None = None
         self._last_metrics: dict[str, Any] | None = None
-        self._pending: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
     # --- providers for the MQTT link --------------------------------------------------------------
@@ -182,7 +181,7 @@ class Service:
 
     def _changed(self) -> None:
         self.link.notify()
-        self._spawn(self._publish_retained())
+        self._retained_dirty.set()
         c = self.controller
         p = c.progress()
         where = f"slice {p['slice']}/{p['total']} {p['step'] or ''}" if p else ""
@@ -207,16 +206,18 @@ class Service:
         rel = (latest or {}).get("files", {}).get("overlay")
         return run.storage.run_dir / rel if run is not None and rel else None
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _publish_retained(self) -> None:
-        # One at a time: every state change spawns this, and two runs interleaved at their awaits would
-        # both find an alert (or a slice) unpublished and publish it twice.
-        async with self._retained_lock:
-            await self._publish_retained_now()
+    async def _retained_publisher(self) -> None:
+        """The one publisher of the retained topics. A state change marks them dirty; a burst of changes
+        goes out once, in order, never twice at once (concurrent publishers each sent an alert 2-4 times);
+        a change made while the link connects goes out once it is up, not lost."""
+        while True:
+            await self._retained_dirty.wait()
+            self._retained_dirty.clear()
+            await self.link.wait_connected()
+            try:
+                await self._publish_retained_now()
+            except Exception:  # a bad payload must not stop the daemon; the next change retries
+                log.exception("retained topics not published")
 
     async def _publish_retained_now(self) -> None:
         if not self.link.connected:
@@ -291,6 +292,7 @@ class Service:
                 link_task = tg.create_task(self.link.run(), name="mqtt")
                 notifier = tg.create_task(self.notifier.run(), name="notify")
                 watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                retained = tg.create_task(self._retained_publisher(), name="retained")
                 # A wrong instrument token or URL is an alert now, not when a run is started.
                 url, alerts = self.settings.instrument.url, self.controller.alert_board
                 identity = tg.create_task(watch_identity(self.instrument, url, alerts), name="identity")
@@ -302,6 +304,7 @@ class Service:
                 self.link.close()  # drains the outbox, then publishes `offline` before disconnecting
                 await link_task
                 watchdog.cancel()
+                retained.cancel()
                 identity.cancel()
                 await self.notifier.flush(self.settings.notify.timeout_s)
                 notifier.cancel()
