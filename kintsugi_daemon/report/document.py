@@ -70,6 +70,8 @@ def _when(t: float | None) -> str:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float) and value > 1e9:  # an epoch time (an alert's `since`)
+        return _when(value)
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
     return str(value)
@@ -155,8 +157,10 @@ def _decision_table(run: RunData) -> list[tuple[str, str]]:
     for e in run.events:
         if e.type == "adapted":
             rows.append((f"event #{e.seq}", ", ".join(f"{k}={_fmt(v)}" for k, v in e.data.items())))
-    if not rows:
-        rows.append(("none", f"policy {', '.join(sorted(policies)) or '?'}: no decision changed the plan"))
+    if not rows and policies:
+        rows.append(("none", f"policy {', '.join(sorted(policies))}: no decision changed the plan"))
+    elif not rows:
+        rows.append(("none", "no slice reached the adapt step"))
     return rows
 
 
