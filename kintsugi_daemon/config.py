@@ -31,6 +31,7 @@ __all__ = [
     "MillSettings",
     "MqttSettings",
     "NotifySettings",
+    "OperatorCredentials",
     "PolishSettings",
     "PtSettings",
     "Recipe",
@@ -72,6 +73,9 @@ class MqttSettings(Strict):
     client_id: str | None = None  # default kintsugi-daemon-<instrument_id>: a second daemon kicks the first
     # The broker declares the daemon lost (Last Will) after 1.5 x keepalive of silence.
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    # "5" lets the daemon see the retain flag of commands sent during a run (and refuse them);
+    # "3.1.1" only for a broker without MQTT 5 support.
+    protocol: Literal["5", "3.1.1"] = "5"
 
     def resolved_password(self) -> str | None:
         if self.password_file is not None:
@@ -89,6 +93,20 @@ class InstrumentSettings(Strict):
         if self.token_file is not None:
             return self.token_file.read_text().strip()
         return self.token
+
+
+class OperatorCredentials(Strict):
+    """`[operator]`: who `kintsugi start|pause|status|watch ...` log in as. Never the daemon's own
+    `[mqtt]` user: the ACL lets the daemon neither send commands nor read its status back."""
+
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+
+    def resolved_password(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password
 
 
 class LoggingSettings(Strict):
@@ -152,6 +170,7 @@ class DaemonSettings(Strict):
     notify: NotifySettings = NotifySettings()
     home_assistant: HomeAssistantSettings = HomeAssistantSettings()
     web: WebSettings = WebSettings()
+    operator: OperatorCredentials = OperatorCredentials()
 
     @property
     def journal_file(self) -> Path:
@@ -271,12 +290,41 @@ class Recipe(Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _describe(source: str, exc: ValidationError) -> ConfigError:
+def _describe(
+    source: str, exc: ValidationError, env_names: Mapping[tuple[str, ...], str] | None = None
+) -> ConfigError:
+    """One line per error, naming the file and key, or the environment variable that set the key:
+    `KINTSUGI_MQTT__PORT=abc` must not send the admin hunting through a settings file that is fine."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{source}: {key}: {err['msg']}")
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        env_name = next(
+            (name for n in range(len(loc), 0, -1) if (name := (env_names or {}).get(loc[:n]))), None
+        )
+        where = f"environment {env_name}" if env_name else source
+        lines.append(f"{where}: {key}: {_message(err, loc)}")
     return ConfigError("\n".join(lines))
+
+
+_BOUNDS = {
+    "less_than_equal": ("less than or equal to", "le"),
+    "less_than": ("less than", "lt"),
+    "greater_than_equal": ("greater than or equal to", "ge"),
+    "greater_than": ("greater than", "gt"),
+}
+_UNITS = {"_a": " A", "_m": " m", "_s": " s", "_v": " V", "_k": " K", "_pa": " Pa", "_deg": " deg"}
+
+
+def _message(err: Any, loc: tuple[str, ...]) -> str:
+    """Pydantic's message, except that a bound reads as a physicist writes it: `2.5e-06 A`, not
+    `0.0000025` (the unit from the key's SI suffix), with the value that was given."""
+    bound = _BOUNDS.get(err["type"])
+    limit = (err.get("ctx") or {}).get(bound[1]) if bound else None
+    if bound is None or not isinstance(limit, int | float):
+        return str(err["msg"])
+    unit = next((u for suffix, u in _UNITS.items() if loc and loc[-1].endswith(suffix)), "")
+    return f"Input should be {bound[0]} {limit:g}{unit} (got {err['input']!r})"
 
 
 def _env_value(text: str) -> Any:
@@ -287,10 +335,15 @@ def _env_value(text: str) -> Any:
 
 
 def _apply_env(
-    data: dict[str, Any], env: Mapping[str, str], prefix: str, keys: frozenset[str]
+    data: dict[str, Any],
+    env: Mapping[str, str],
+    prefix: str,
+    keys: frozenset[str],
+    env_names: dict[tuple[str, ...], str] | None = None,
 ) -> dict[str, Any]:
     """Overlay `KINTSUGI_<KEY>` / `KINTSUGI_<SECTION>__<KEY>` variables whose first part is a settings key;
-    other KINTSUGI_* variables (the simulator's cache and token, say) belong to other programs."""
+    other KINTSUGI_* variables (the simulator's cache and token, say) belong to other programs.
+    `env_names` collects which variable set which key, for error messages."""
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for name, raw in env.items():
         if not name.startswith(prefix):
@@ -304,14 +357,21 @@ def _apply_env(
             if not isinstance(node, dict):
                 raise ConfigError(f"environment {name}: {part} is not a section")
         node[path[-1]] = _env_value(raw)
+        if env_names is not None:
+            env_names[tuple(path)] = name
     return merged
 
 
-def _parse(model: type[M], data: dict[str, Any], source: str) -> M:
+def _parse(
+    model: type[M],
+    data: dict[str, Any],
+    source: str,
+    env_names: Mapping[tuple[str, ...], str] | None = None,
+) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _describe(source, exc) from None
+        raise _describe(source, exc, env_names) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -327,11 +387,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> DaemonSettings:
     data = _read_toml(path) if path is not None else {}
+    env_names: dict[tuple[str, ...], str] = {}
     data = _apply_env(
-        data, os.environ if env is None else env, ENV_PREFIX, frozenset(DaemonSettings.model_fields)
+        data,
+        os.environ if env is None else env,
+        ENV_PREFIX,
+        frozenset(DaemonSettings.model_fields),
+        env_names,
     )
     # TOML has no path type: accept strings for Path fields by validating in lax mode for those only.
-    return _parse(DaemonSettings, _paths_to_objects(data, DaemonSettings), str(path or "environment"))
+    return _parse(
+        DaemonSettings, _paths_to_objects(data, DaemonSettings), str(path or "environment"), env_names
+    )
 
 
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import statistics
+from dataclasses import dataclass, field
 
 from kintsugi_daemon import instrument as timing
 from kintsugi_daemon.config import Recipe
 from kintsugi_daemon.service.storage import estimate_slice_bytes
 
-__all__ = ["RunEstimate", "estimate_run", "slice_bytes"]
+__all__ = ["RunEstimate", "SlicePace", "estimate_run", "slice_bytes"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,43 @@ def estimate_run(recipe: Recipe) -> RunEstimate:
     n = run.total_slices
     per_bytes = slice_bytes(recipe)
     return RunEstimate(n, per_slice, per_slice * n, per_bytes, per_bytes * n, breakdown)
+
+
+@dataclass
+class SlicePace:
+    """Seconds per slice as the run measures them, for an ETA that holds still and says how sure it is.
+
+    Before the first slice the recipe's estimate is all there is. Then the median of the last `window`
+    measured slice periods takes over: one slow slice (an autofocus, a re-deposition) moves a median
+    little, where the mean of a few periods jumped by tens of minutes. The spread is the periods'
+    median absolute deviation (x 1.4826: a standard deviation for normal scatter), carried to the
+    remaining slices as the uncertainty of the pace (shrinking as 1/sqrt(n) with more slices measured)
+    plus their own slice-to-slice scatter (growing as sqrt(remaining)). The caller leaves out periods
+    that include a pause or a suspend: waiting for the operator is not the instrument's pace."""
+
+    prior_s: float
+    window: int = 15
+    prior_spread: float = 0.3  # the timing model's own uncertainty before anything is measured
+    periods: list[float] = field(default_factory=list)
+
+    def observe(self, period_s: float) -> None:
+        if math.isfinite(period_s) and period_s > 0:
+            self.periods.append(period_s)
+            del self.periods[: -self.window]
+
+    def per_slice_s(self) -> float:
+        return statistics.median(self.periods) if self.periods else self.prior_s
+
+    def eta(self, remaining: int) -> tuple[float, float]:
+        """(ETA, its one-sigma uncertainty) in seconds for `remaining` slices."""
+        pace = self.per_slice_s()
+        n = len(self.periods)
+        if n >= 3:
+            scatter = 1.4826 * statistics.median(abs(p - pace) for p in self.periods)
+            pace_sigma = scatter / math.sqrt(n)
+        elif n:
+            scatter = pace_sigma = self.prior_spread * pace / math.sqrt(n)
+        else:
+            scatter, pace_sigma = 0.0, self.prior_spread * pace
+        sigma = math.hypot(remaining * pace_sigma, math.sqrt(remaining) * scatter)
+        return remaining * pace, sigma

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "kintsugi_daemon.cli.demo",
     "kintsugi_daemon.cli.segment",
     "kintsugi_daemon.cli.export",
+    "kintsugi_daemon.cli.report",
     "kintsugi_daemon.cli.validate",
     "kintsugi_daemon.cli.serve",
     "kintsugi_daemon.cli.operator",

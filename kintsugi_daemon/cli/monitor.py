@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    view = asyncio.run(operator_for(args).snapshot())
+    view = asyncio.run(operator_for(args).snapshot(args.timeout))
     if args.json:
         print(json.dumps({"status": view.status, "progress": view.progress, "alerts": view.alerts}, indent=2))
     else:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kintsugi_daemon.cli.remote import Operator
+from kintsugi_daemon.cli.remote import REPLY_TIMEOUT_S, Operator
 from kintsugi_daemon.config import DaemonSettings, load_recipe, load_settings
 
 __all__ = ["add_connection_options", "operator_for", "register"]
@@ -21,8 +21,11 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", type=Path, default=None, help="daemon settings TOML (env KINTSUGI_* overrides)"
     )
-    p.add_argument("--username", default=None, help="MQTT user (default: the config's)")
-    p.add_argument("--password", default=None, help="MQTT password (default: the config's)")
+    p.add_argument(
+        "--username", default=None, help="operator's MQTT user (default: [operator] or KINTSUGI_OPERATOR__*)"
+    )
+    p.add_argument("--password", default=None, help="operator's MQTT password (default: as --username)")
+    p.add_argument("--timeout", type=float, default=REPLY_TIMEOUT_S, help="seconds to wait for the daemon")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,13 +47,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _settings(args: argparse.Namespace) -> DaemonSettings:
+    """The broker from `[mqtt]`, the login from the operator's own credentials (flags, `[operator]`,
+    KINTSUGI_OPERATOR__*), never the daemon's `[mqtt]` user and password."""
     settings = load_settings(args.config)
-    if getattr(args, "username", None) or getattr(args, "password", None):
-        mqtt = settings.mqtt.model_copy(
-            update={k: v for k, v in (("username", args.username), ("password", args.password)) if v}
-        )
-        settings = settings.model_copy(update={"mqtt": mqtt})
-    return settings
+    op = settings.operator
+    if args.username and args.username != op.username:
+        username, password = args.username, args.password
+    else:
+        username, password = op.username, args.password or op.resolved_password()
+    mqtt = settings.mqtt.model_copy(
+        update={"username": username, "password": password, "password_file": None}
+    )
+    return settings.model_copy(update={"mqtt": mqtt})
 
 
 def operator_for(args: argparse.Namespace) -> Operator:
@@ -68,7 +76,7 @@ def _print_reply(reply: dict[str, Any]) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     _, text = load_recipe(args.recipe)  # checked here first: a bad recipe never reaches the daemon
-    return _print_reply(asyncio.run(operator_for(args).command("start", {"recipe": text})))
+    return _print_reply(asyncio.run(operator_for(args).command("start", {"recipe": text}, args.timeout)))
 
 
 def _verb(args: argparse.Namespace) -> int:
@@ -77,4 +85,4 @@ def _verb(args: argparse.Namespace) -> int:
         fields["now"] = True
     if args.verb == "clear" and args.alert:
         fields["alert_id"] = args.alert
-    return _print_reply(asyncio.run(operator_for(args).command(args.verb, fields)))
+    return _print_reply(asyncio.run(operator_for(args).command(args.verb, fields, args.timeout)))

@@ -20,9 +20,18 @@ import aiomqtt
 from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.service.messages import SLICES_LATEST_PREVIEW, Topics
 
-__all__ = ["DaemonView", "Operator"]
+__all__ = ["DaemonView", "Operator", "OperatorError"]
 
 REPLY_TIMEOUT_S = 15.0
+# After the retained status arrives, the rest of the broker's retained burst (alerts, progress) follows
+# within milliseconds; a snapshot waits for this much quiet so it never shows a state without its alerts.
+RETAINED_QUIET_S = 0.3
+# MQTT 3.1.1 CONNACK codes and their MQTT 5 reason codes, in words an operator can act on.
+_NOT_AUTHORISED = {4, 5, 134, 135}
+
+
+class OperatorError(RuntimeError):
+    """What went wrong talking to the daemon, said so the operator knows what to check."""
 
 
 @dataclass
@@ -36,12 +45,21 @@ class DaemonView:
     alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    ignored: int = 0  # messages that were not the daemon's JSON (anyone may publish on a shared broker)
+    last_ignored: str | None = None
 
     def apply(self, topics: Topics, topic: str, payload: bytes) -> None:
         suffix = topics.suffix(topic)
-        if suffix is None or suffix == SLICES_LATEST_PREVIEW:
-            return  # the preview is a PNG, not JSON
-        data = json.loads(payload) if payload else None
+        if suffix is None or suffix == SLICES_LATEST_PREVIEW or suffix.startswith("cmd/"):
+            return  # the preview is a PNG, not JSON; commands and replies are not the daemon's state
+        try:
+            data = json.loads(payload) if payload else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if payload and not isinstance(data, dict):
+            self.ignored += 1
+            self.last_ignored = suffix
+            return
         if suffix == "status":
             self.status = data
         elif suffix == "progress":
@@ -67,8 +85,10 @@ class DaemonView:
         p = self.progress or {}
         lines = [f"daemon   {s.get('state', '?')}  {s.get('path') or ''}  {s.get('reason') or ''}".rstrip()]
         if p.get("run_id"):
-            eta = p.get("eta_s")
+            eta, sigma = p.get("eta_s"), p.get("eta_uncertainty_s")
             eta_text = f"{eta / 60:.1f} min" if isinstance(eta, int | float) else "?"
+            if isinstance(eta, int | float) and isinstance(sigma, int | float):
+                eta_text = f"{eta / 60:.1f} ± {sigma / 60:.1f} min"
             lines.append(
                 f"run      {p['run_id']}  slice {p.get('slice')}/{p.get('total')}  "
                 f"step {p.get('step') or '-'}  {p.get('percent', 0):.1f} %  ETA {eta_text}"
@@ -82,7 +102,19 @@ class DaemonView:
                 f"event    #{event.get('seq')} {event.get('type', '').removeprefix('kintsugi.')} "
                 f"{json.dumps(event.get('data', {}))[:90]}"
             )
+        if self.ignored:
+            lines.append(
+                f"ignored  {self.ignored} message(s) that were not JSON objects (last on {self.last_ignored})"
+            )
         return "\n".join(lines)
+
+
+def _json_object(payload: Any) -> dict[str, Any] | None:
+    try:
+        data = json.loads(payload) if isinstance(payload, bytes | str) and payload else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class Operator:
@@ -90,11 +122,16 @@ class Operator:
         self.settings = settings
         self.topics = Topics(instrument_id)
 
+    @property
+    def _who(self) -> str:
+        s = self.settings
+        return f"the broker at {s.host}:{s.port}" + (f" as user {s.username!r}" if s.username else "")
+
     @asynccontextmanager
     async def _client(self) -> AsyncIterator[aiomqtt.Client]:
         s = self.settings
         tls = aiomqtt.TLSParameters(ca_certs=str(s.ca_file) if s.ca_file else None) if s.tls else None
-        async with aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host,
             s.port,
             username=s.username,
@@ -102,23 +139,54 @@ class Operator:
             identifier=f"kintsugi-cli-{uuid.uuid4().hex[:8]}",
             tls_params=tls,
             timeout=10,
-        ) as client:
+        )
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttCodeError as exc:
+            raise OperatorError(self._connect_refused(exc)) from None
+        except aiomqtt.MqttError as exc:
+            raise OperatorError(
+                f"cannot reach {self._who}: {exc}. Check [mqtt] host and port in the config "
+                "(or KINTSUGI_MQTT__HOST / KINTSUGI_MQTT__PORT) and that the broker is running"
+            ) from None
+        try:
             yield client
+        finally:
+            await client.__aexit__(None, None, None)
+
+    def _connect_refused(self, exc: aiomqtt.MqttCodeError) -> str:
+        code = getattr(exc.rc, "value", exc.rc)  # an int (MQTT 3.1.1) or a paho ReasonCode (MQTT 5)
+        if code in _NOT_AUTHORISED:
+            return (
+                f"{self._who} refused the login ({exc}). Check the operator's credentials: --username and "
+                "--password, [operator] username/password(_file) in the config, or "
+                "KINTSUGI_OPERATOR__USERNAME / KINTSUGI_OPERATOR__PASSWORD; the broker's password file must "
+                "know that user"
+            )
+        return f"{self._who} refused the connection ({exc})"
 
     async def command(
         self, verb: str, fields: dict[str, Any] | None = None, timeout_s: float = REPLY_TIMEOUT_S
     ) -> dict[str, Any]:
-        """Publish `cmd/<verb>` and return its reply (raises TimeoutError when none comes)."""
+        """Publish `cmd/<verb>` and return its reply (OperatorError when none comes in time)."""
         payload = {"command_id": uuid.uuid4().hex, "sent_at": time.time(), **(fields or {})}
         async with self._client() as client:
             await client.subscribe(self.topics.reply(verb), qos=1)
             await client.publish(self.topics.command(verb), json.dumps(payload), qos=1)
-            async with asyncio.timeout(timeout_s):
-                async for message in client.messages:
-                    reply: dict[str, Any] = json.loads(message.payload)
-                    if reply.get("command_id") == payload["command_id"]:
-                        return reply
-        raise TimeoutError(f"no reply to {verb}")  # pragma: no cover - the loop above returns or times out
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for message in client.messages:
+                        reply = _json_object(message.payload)
+                        if reply is not None and reply.get("command_id") == payload["command_id"]:
+                            return reply
+            except TimeoutError:
+                pass
+        raise OperatorError(
+            f"no reply to {verb} within {timeout_s:g} s from instrument {self.topics.instrument_id!r} via "
+            f"{self._who}. Check that the daemon is running (`kintsugi status`), that instrument_id is "
+            f"right, and that the broker's ACL lets this user write {self.topics.command(verb)} and read "
+            "its reply (the `operator` role does)"
+        )
 
     async def watch(
         self, on_update: Callable[[DaemonView], bool | None], timeout_s: float | None = None
@@ -130,17 +198,37 @@ class Operator:
             await client.subscribe(self.topics.full("#"), qos=1)
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
-                    view.apply(self.topics, str(message.topic), message.payload)
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    view.apply(self.topics, str(message.topic), payload)
                     if on_update(view):
                         break
         return view
 
     async def snapshot(self, timeout_s: float = 5.0) -> DaemonView:
-        """The retained state: returns once status (and progress, if a run is on) has arrived."""
-
-        def complete(view: DaemonView) -> bool:
-            if view.status is None:
-                return False
-            return view.progress is not None or view.status.get("run_id") is None
-
-        return await self.watch(complete, timeout_s)
+        """The retained state: status, progress if a run is on, and every active alert. Returns once the
+        status has come and the broker's retained burst has been quiet for RETAINED_QUIET_S."""
+        view = DaemonView()
+        async with self._client() as client:
+            await client.subscribe(self.topics.full("#"), qos=1)
+            messages = aiter(client.messages)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while True:
+                        wait = RETAINED_QUIET_S if view.status is not None else None
+                        try:
+                            async with asyncio.timeout(wait):
+                                message = await anext(messages)
+                        except TimeoutError:
+                            if view.status is not None:
+                                return view
+                            raise
+                        payload = message.payload if isinstance(message.payload, bytes) else b""
+                        view.apply(self.topics, str(message.topic), payload)
+            except TimeoutError:
+                pass
+        raise OperatorError(
+            f"no retained status for instrument {self.topics.instrument_id!r} within {timeout_s:g} s via "
+            f"{self._who}. Check instrument_id, that the daemon has ever run against this broker, and that "
+            "the ACL lets this user read kintsugi/v1/# (the `operator` and `monitor` roles do; `daemon` "
+            "does not)"
+        )

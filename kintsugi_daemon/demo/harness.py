@@ -179,6 +179,7 @@ def _settings_toml(
                 "port": mqtt.port,
                 "username": mqtt.username,
                 "password": mqtt.password,
+                "protocol": mqtt.protocol,
             },
             # Deadlines follow the simulator's time scale, so a stuck step still times out in a demo.
             "instrument": {"url": sim_url, "token": token, "deadline_scale": deadline_scale},
@@ -413,7 +414,13 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
                 what = f"embedded amqtt broker ({EMBEDDED_ENV}=1)"
             _say(f"broker: {what} at {broker.url}")
             user, password = broker.credentials("daemon")
-            daemon_mqtt = MqttSettings(host=broker.host, port=broker.port, username=user, password=password)
+            daemon_mqtt = MqttSettings(
+                host=broker.host,
+                port=broker.port,
+                username=user,
+                password=password,
+                protocol="5" if broker.kind == "mosquitto" else "3.1.1",  # amqtt speaks 3.1.1 only
+            )
             user, password = broker.credentials("operator")
             operator_mqtt = MqttSettings(host=broker.host, port=broker.port, username=user, password=password)
 
@@ -520,10 +527,25 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
         alerts=watch.alerts,
         daemon_exit=daemon_exit_text,
     )
+    report_ok = await _write_report(run_dir, summary)
     print_summary(summary, run_dir)
     if interrupted:
         return 130
-    return 0 if summary["state"] == "done" and code == 0 else 1
+    return 0 if summary["state"] == "done" and code == 0 and report_ok else 1
+
+
+async def _write_report(run_dir: Path, summary: dict[str, Any]) -> bool:
+    """The morning report of the demo's run; its path goes on the summary. False if it failed."""
+    if not (run_dir / "run.json").is_file():
+        return True  # no run to report on (refused or interrupted before it began)
+    from kintsugi_daemon.report import write_report  # matplotlib loads only when a report is due
+
+    try:
+        summary["report"] = (await asyncio.to_thread(write_report, run_dir, None)).html
+    except Exception as exc:  # the run's data is safe on disk; say why the report is missing
+        _say(f"the report could not be written: {type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 async def _until(

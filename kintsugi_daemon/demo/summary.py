@@ -131,5 +131,7 @@ def print_summary(s: dict[str, Any], run_dir: Path) -> None:
     if s["labels"] or s["previews"]:
         files += f", {s['labels']} label TIFFs, {s['previews']} previews"
     out.append(f"  files             {files}, run.json, recipe.toml")
+    if s.get("report"):
+        out.append(f"  report            {s['report']}")
     out.append(f"  output folder     {run_dir}")
     print("\n".join(out), flush=True)

@@ -241,6 +241,9 @@ class Progress(_Strict):
     step: str | None = None
     percent: float = Field(ge=0, le=100)
     eta_s: float | None = Field(default=None, ge=0)
+    eta_uncertainty_s: float | None = Field(
+        default=None, ge=0, description="one standard deviation of eta_s, from the measured slice periods"
+    )
     ts: EpochS | None = None
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiomqtt
+from paho.mqtt import client as paho_client
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ValidationError
 
 from kintsugi_daemon.config import MqttSettings
@@ -127,6 +129,11 @@ class MqttLink:
         self._retained: dict[str, bytes] = {}
         self.connections = 0  # successful connects so far (tests and logs)
         self._failures = 0  # consecutive failed connects: the backoff exponent
+        # MQTT 5 so the command subscription can ask for retain-as-published: only then does a retained
+        # command published while we are connected arrive with its retain flag (for live subscribers a
+        # 3.1.1 broker clears it). "3.1.1" is for brokers without MQTT 5 (the demo's embedded amqtt).
+        v5 = settings.protocol == "5"
+        self.protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
 
     # -- public surface ------------------------------------------------------------------------
 
@@ -211,6 +218,8 @@ class MqttLink:
         s = self.settings
         lost = Status(state="lost", session=self._status().session, reason="connection lost")
         tls = aiomqtt.TLSParameters(ca_certs=str(s.ca_file) if s.ca_file else None) if s.tls else None
+        # A clean session either way: commands sent while we were away are stale; events are ours.
+        v5 = self.protocol == aiomqtt.ProtocolVersion.V5
         client = aiomqtt.Client(
             s.host,
             s.port,
@@ -218,7 +227,10 @@ class MqttLink:
             password=s.resolved_password(),
             identifier=s.client_id or f"kintsugi-daemon-{self.instrument_id}",
             will=aiomqtt.Will(self.topics.status, _json(lost), qos=1, retain=True),
-            clean_session=True,  # commands sent while we were away are stale anyway; events are ours
+            protocol=self.protocol,
+            # paho takes clean_start under MQTT 5 and clean_session under 3.1.1, never both.
+            clean_session=None if v5 else True,
+            clean_start=True if v5 else paho_client.MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=s.keepalive_s,
             timeout=self.tuning.timeout_s,
             tls_params=tls,
@@ -259,7 +271,11 @@ class MqttLink:
     async def _announce(self, client: aiomqtt.Client) -> None:
         """On every connect: subscribe to commands, then status (clears a `lost` Last Will), then the
         rest retained. Subscribing first matters: an operator who sees our status may command at once."""
-        await client.subscribe(self.topics.commands, qos=1)
+        if self.protocol == aiomqtt.ProtocolVersion.V5:
+            options = SubscribeOptions(qos=1, retainAsPublished=True)
+            await client.subscribe(self.topics.commands, options=options)
+        else:
+            await client.subscribe(self.topics.commands, qos=1)
         retained = self._retained
         retained.pop(self.topics.status, None)
         retained[self.topics.description] = _json(self._description())
@@ -358,6 +374,8 @@ class MqttLink:
         async for message in client.messages:
             verb = message.topic.value.rsplit("/", 1)[-1]
             payload = message.payload if isinstance(message.payload, bytes) else b""
+            if not payload:
+                continue  # an empty payload clears a retained message from the broker: not a command
             reply = await self._command(verb, payload, retained=message.retain)
             await client.publish(self.topics.reply(verb), _json(reply), qos=1)
 

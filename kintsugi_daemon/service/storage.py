@@ -93,19 +93,33 @@ def _text_writer(text: str) -> Callable[[IO[bytes]], object]:
     return lambda fh: fh.write(text.encode())
 
 
+def _resolution_tags(pixel_size_m: float | None) -> dict[str, Any]:
+    """Baseline XY resolution tags (pixels per cm): Fiji, ImageJ and Avizo show the right scale bar from
+    them alone, for a single slice, a label image or an OME volume."""
+    if not pixel_size_m:
+        return {}
+    return {"resolution": (0.01 / pixel_size_m,) * 2, "resolutionunit": "CENTIMETER"}
+
+
 def _tiff_writer(
     array: np.ndarray, description: str, pixel_size_m: float | None
 ) -> Callable[[IO[bytes]], None]:
     def write(fh: IO[bytes]) -> None:
-        kwargs: dict[str, Any] = {}
-        if pixel_size_m:
-            # Baseline resolution tags: a single slice opened in Fiji shows the right scale bar too.
-            kwargs = {"resolution": (0.01 / pixel_size_m,) * 2, "resolutionunit": "CENTIMETER"}
         tifffile.imwrite(
-            fh, array, description=description, metadata=None, photometric="minisblack", **kwargs
+            fh,
+            array,
+            description=description,
+            metadata=None,
+            photometric="minisblack",
+            **_resolution_tags(pixel_size_m),
         )
 
     return write
+
+
+def _pixel_size(metadata: dict[str, Any]) -> float | None:
+    value = metadata.get("pixel_size_m")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) and value > 0 else None
 
 
 def estimate_slice_bytes(
@@ -187,9 +201,9 @@ class RunStorage:
         On any failure the files this call wrote are removed: a slice is either complete or absent.
         `replace=True` is for recovery only: it rewrites an incomplete slice, never a complete one."""
         shape = self._check_slice_inputs(index, images, labels, preview)
+        metadata = _with_run_slice_index(metadata, index)
         meta_text = _json_text(metadata, f"metadata of slice {index}")  # validated before touching disk
-        pixel_size = metadata.get("pixel_size_m")
-        pixel_size_m = float(pixel_size) if isinstance(pixel_size, int | float) and pixel_size > 0 else None
+        pixel_size_m = _pixel_size(metadata)
 
         stem = f"{SLICES}/{index:04d}"
         plan: list[tuple[str, str, Callable[[IO[bytes]], object]]] = []
@@ -305,8 +319,10 @@ class RunStorage:
             raise ValueError(f"labels must be 2-D uint8, got {labels.dtype} {labels.shape}")
         stem = f"{SLICES}/{index:04d}"
         desc = _json_text({"kind": "labels", "slice_index": index, "run_id": self.run_id}, "", None)
+        slice_metadata = self.read_slice(index).get("metadata")
+        pixel_size_m = _pixel_size(slice_metadata) if isinstance(slice_metadata, dict) else None
         plan: list[tuple[str, str, Callable[[IO[bytes]], object]]] = [
-            ("labels", f"{stem}_labels.tif", _tiff_writer(labels, desc, None))
+            ("labels", f"{stem}_labels.tif", _tiff_writer(labels, desc, pixel_size_m))
         ]
         if preview is not None:
             plan.append(("overlay", f"{PREVIEWS}/{index:04d}_overlay.png", _png_writer(preview)))
@@ -374,6 +390,18 @@ def _png_writer(rgb: np.ndarray) -> Callable[[IO[bytes]], None]:
         Image.fromarray(rgb, mode="RGB").save(fh, format="PNG")
 
     return write
+
+
+def _with_run_slice_index(metadata: dict[str, Any], index: int) -> dict[str, Any]:
+    """`slice_index` in a slice's record and TIFFs is the run's 0-based index (the file name's number).
+    The instrument counts the slices it has milled (1 after the first mill), which is a different number:
+    it is kept, under its own name, so neither can be mistaken for the other."""
+    out = dict(metadata)
+    instrument_count = out.pop("slice_index", None)
+    if instrument_count is not None and instrument_count != index:
+        out["instrument_slices_milled"] = instrument_count
+    out["slice_index"] = index
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -563,6 +591,8 @@ def _volume_writer(
             if n % every == 0 or n == len(planes):
                 say(f"{channel}: {n}/{len(planes)} slices")
 
+    pixel_size_m = _pixel_size(planes[0].metadata)
+
     def write(fh: IO[bytes]) -> None:
         nbytes = len(planes) * height * width * np.dtype(dtype).itemsize
         tifffile.imwrite(
@@ -574,6 +604,7 @@ def _volume_writer(
             photometric="minisblack",
             metadata=metadata,
             bigtiff=nbytes > 2**32 - 2**26,  # classic TIFF offsets stop at 4 GiB
+            **_resolution_tags(pixel_size_m),  # readers that ignore the OME-XML still get the scale
         )
 
     return write

@@ -40,6 +40,7 @@ from kintsugi_daemon.service.notify import Notifier, Observation
 from kintsugi_daemon.service.preview import preview_png
 from kintsugi_daemon.service.sdnotify import notify, watchdog_interval_s
 from kintsugi_daemon.states.controller import CommandRefused, Controller
+from kintsugi_daemon.states.identity import watch_identity
 from kintsugi_daemon.states.table import STATES
 
 __all__ = ["Service", "configure_logging", "run_service"]
@@ -50,20 +51,39 @@ SHUTDOWN_STEP_WAIT_S = 900.0  # how long SIGTERM waits for the step in progress 
 
 
 def configure_logging(level: str, json_output: bool) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stdout, format="%(message)s")
+    """One log stream: structlog's events and the standard-library records of the MQTT link and of
+    libraries go through the same renderer, so with json_output every line is one JSON object."""
+    numeric = logging.getLevelName(level.upper())
+    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    stamped: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamped],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric)
     # Library chatter (every HTTP request, every transition callback) would drown the JSON log.
     for noisy in ("httpx", "httpcore", "transitions"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
-    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, numeric))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamped,
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
@@ -95,9 +115,9 @@ class Service:
         self.notifier = Notifier(settings.notify, settings.instrument_id)
         self._published_alerts: set[str] = set()
         self._last_preview: tuple[str, int] | None = None
+        self._retained_dirty = asyncio.Event()
         self._last_slice: dict[str, Any] | None = None
         self._last_metrics: dict[str, Any] | None = None
-        self._pending: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
     # --- providers for the MQTT link --------------------------------------------------------------
@@ -161,7 +181,7 @@ class Service:
 
     def _changed(self) -> None:
         self.link.notify()
-        self._spawn(self._publish_retained())
+        self._retained_dirty.set()
         c = self.controller
         p = c.progress()
         where = f"slice {p['slice']}/{p['total']} {p['step'] or ''}" if p else ""
@@ -186,12 +206,20 @@ class Service:
         rel = (latest or {}).get("files", {}).get("overlay")
         return run.storage.run_dir / rel if run is not None and rel else None
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    async def _retained_publisher(self) -> None:
+        """The one publisher of the retained topics. A state change marks them dirty; a burst of changes
+        goes out once, in order, never twice at once (concurrent publishers each sent an alert 2-4 times);
+        a change made while the link connects goes out once it is up, not lost."""
+        while True:
+            await self._retained_dirty.wait()
+            self._retained_dirty.clear()
+            await self.link.wait_connected()
+            try:
+                await self._publish_retained_now()
+            except Exception:  # a bad payload must not stop the daemon; the next change retries
+                log.exception("retained topics not published")
 
-    async def _publish_retained(self) -> None:
+    async def _publish_retained_now(self) -> None:
         if not self.link.connected:
             return  # re-asserted from the providers on the next connect
         await self.link.publish_status()
@@ -264,6 +292,10 @@ class Service:
                 link_task = tg.create_task(self.link.run(), name="mqtt")
                 notifier = tg.create_task(self.notifier.run(), name="notify")
                 watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                retained = tg.create_task(self._retained_publisher(), name="retained")
+                # A wrong instrument token or URL is an alert now, not when a run is started.
+                url, alerts = self.settings.instrument.url, self.controller.alert_board
+                identity = tg.create_task(watch_identity(self.instrument, url, alerts), name="identity")
                 notify(ready="1", status=f"{self.controller.state}")
                 log.info("ready", state=self.controller.state, session=self.session)
                 await self._stopping.wait()
@@ -272,6 +304,8 @@ class Service:
                 self.link.close()  # drains the outbox, then publishes `offline` before disconnecting
                 await link_task
                 watchdog.cancel()
+                retained.cancel()
+                identity.cancel()
                 await self.notifier.flush(self.settings.notify.timeout_s)
                 notifier.cancel()
         finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kintsugi_daemon.estimate import estimate_run
+from kintsugi_daemon.estimate import SlicePace, estimate_run
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.states.run import ActiveRun
 
@@ -24,16 +24,21 @@ MANIFEST_EVERY = 10  # slices between run.json rewrites (each costs two fsyncs)
 
 
 class SliceProducts:
-    """The latest checkpointed slice with its files and metrics, and the last metrics of any slice."""
+    """The latest finished slice with its files and metrics, and the last metrics of any slice.
+
+    `latest` changes once per slice: when a segmented run's slice has both its checkpoint and its
+    segmentation (or the segmentation failed), when an unsegmented run's slice is checkpointed. Publishing
+    at the checkpoint and again with the metrics sent every slice twice, the first time without metrics."""
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
         self.latest: dict[str, Any] | None = None
         self.last_metrics: dict[str, Any] = {}
         self._early: dict[int, dict[str, Any]] = {}  # slice -> metrics and files, until its checkpoint
+        self._waiting: dict[int, dict[str, Any]] = {}  # checkpointed slice -> summary, until segmented
 
     def checkpointed(self, run: ActiveRun, index: int) -> None:
-        self.latest = {
+        summary: dict[str, Any] = {
             "run_id": run.run_id,
             "slice": index,
             "z_m": run.face_m,
@@ -41,20 +46,27 @@ class SliceProducts:
             "files": self._image_files(run, index),
         }
         segmented = self._early.pop(index, None)
-        if segmented is not None:  # segmentation beat the checkpoint (it usually runs into the next slice)
-            self.latest["metrics"] = segmented["metrics"]
-            self.latest["files"] |= segmented["files"]
+        if segmented is not None:  # segmentation beat the checkpoint
+            summary["metrics"] = segmented["metrics"]
+            summary["files"] |= segmented["files"]
+        elif run.recipe.segmentation.enabled:
+            self._waiting[index] = summary  # it usually finishes during the next slice
+            return
+        self.latest = summary
 
     def segmented(self, run: ActiveRun, index: int, metrics: dict[str, Any], files: dict[str, str]) -> None:
         self.last_metrics = {"slice": index, **metrics}
-        if run.next_slice <= index:  # not checkpointed yet: the checkpoint picks it up
+        summary = self._waiting.pop(index, None)
+        if summary is None:  # not checkpointed yet: the checkpoint picks it up
             self._early[index] = {"metrics": metrics, "files": files}
-        elif self.latest is not None and self.latest.get("slice") == index:
-            self.latest = {
-                **self.latest,
-                "metrics": metrics,
-                "files": {**self.latest.get("files", {}), **files},
-            }
+            return
+        self.latest = {**summary, "metrics": metrics, "files": {**summary["files"], **files}}
+
+    def unsegmented(self, index: int) -> None:
+        """The slice's segmentation failed: the slice is still finished, without metrics."""
+        summary = self._waiting.pop(index, None)
+        if summary is not None:
+            self.latest = summary
 
     def _image_files(self, run: ActiveRun, index: int) -> dict[str, str]:
         for rec in self._journal.steps(run.run_id, index):
@@ -98,16 +110,18 @@ def record_finish(journal: Journal, run: ActiveRun, journal_state: str, event: d
 
 
 def progress(run: ActiveRun, step: str | None) -> dict[str, Any]:
-    """The progress topic: where the run is and its ETA (from the last ten slices, or the estimate)."""
-    if run.slice_times:
-        per_slice = sum(run.slice_times[-10:]) / len(run.slice_times[-10:])
-    else:
-        per_slice = estimate_run(run.recipe).seconds_per_slice
+    """The progress topic: where the run is, its ETA and the ETA's one-sigma uncertainty (`SlicePace`:
+    the median of the measured slice periods, the recipe's estimate before the first)."""
+    pace = SlicePace(prior_s=estimate_run(run.recipe).seconds_per_slice)
+    for period in run.slice_times:
+        pace.observe(period)
+    eta, sigma = pace.eta(run.total - run.next_slice)
     return {
         "run_id": run.run_id,
         "slice": run.next_slice,
         "total": run.total,
         "step": step,
         "percent": round(100.0 * run.next_slice / run.total, 2),
-        "eta_s": round(per_slice * (run.total - run.next_slice), 1),
+        "eta_s": round(eta, 1),
+        "eta_uncertainty_s": round(sigma, 1),
     }

@@ -83,9 +83,12 @@ async def _resume(ctl: Controller, _args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _stop(ctl: Controller, _args: dict[str, Any]) -> dict[str, Any]:
-    if ctl.state in ("paused", "suspended"):
+    if ctl.state in ("paused", "suspended", "faulted"):
         # Nothing is running: the run ends here, with every completed slice kept.
+        faulted = ctl.state == "faulted"
         await ctl.fire("stop", reason="operator", event_type="stopping")
+        if faulted:
+            await _end_faulted(ctl)
         await ctl.end_run("stopped")
         return {}
     if not await ctl.may("stop"):
@@ -107,12 +110,24 @@ async def _interrupt_now(ctl: Controller, verb: str) -> dict[str, Any]:
     if not await ctl.may(verb):
         raise CommandRefused(f"{verb} is not allowed in state {ctl.state}")
     running = ctl.run_loop_active()
+    faulted = ctl.state == "faulted"
     await ctl.fire(verb, reason="operator", event_type="aborting" if verb == "abort" else "halted")
-    await ctl.stop_instrument(verb)
-    await ctl.safe_state()
+    if faulted:
+        await _end_faulted(ctl)
+    else:
+        await ctl.stop_instrument(verb)
+        await ctl.safe_state()
     if not running and verb == "abort":
         await ctl.end_run("aborted")
     return {}
+
+
+async def _end_faulted(ctl: Controller) -> None:
+    """Ending a faulted run acknowledges its alerts; the instrument is made safe once more (the fault's
+    own attempt may have failed with it)."""
+    for alert_id in list(ctl.alerts):
+        ctl.alert_board.clear(alert_id)
+    await ctl.safe_state()
 
 
 async def _clear(ctl: Controller, args: dict[str, Any]) -> dict[str, Any]:

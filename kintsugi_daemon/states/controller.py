@@ -43,7 +43,7 @@ from kintsugi_daemon.states.checkpoint import (
 )
 from kintsugi_daemon.states.guards import GuardReading, Guards
 from kintsugi_daemon.states.preflight import preflight_problem
-from kintsugi_daemon.states.run import ActiveRun, CommandRefused, Interrupted, Refused
+from kintsugi_daemon.states.run import INTERRUPTING, ActiveRun, CommandRefused, Interrupted, Refused
 from kintsugi_daemon.states.segmentation import SegmentationPipeline
 from kintsugi_daemon.states.step_journal import Completions, record_failure
 from kintsugi_daemon.states.table import build_machine, destination
@@ -79,7 +79,9 @@ class Controller:
         self.stop_requested = False
         self.alert_board = Alerts(journal, self._run_id, lambda: self.on_change())
         self.products = SliceProducts(journal)
-        self.segmentation = SegmentationPipeline(journal, self.alert_board, self._segmented)
+        self.segmentation = SegmentationPipeline(
+            journal, self.alert_board, self.products, lambda: self.on_change()
+        )
         self._task: asyncio.Task[None] | None = None
         self._interrupt: str | None = None  # "pause" | "abort" | "halt" while an immediate stop is in flight
         self._wake = asyncio.Event()
@@ -132,6 +134,8 @@ class Controller:
             self.completions.flush()
             self.journal.set_state(dest, reason, run_id, events=drafts)
         await getattr(self, trigger)()
+        if self.run is not None and trigger in INTERRUPTING:
+            self.run.slice_interrupted = True
         self.reason = reason
         self.since = time.time()
         log.info("state", state=self.state, trigger=trigger, reason=reason, run_id=run_id)
@@ -487,12 +491,8 @@ class Controller:
                 ],
             )
         run.next_slice = index + 1
-        run.slice_times.append(period)
+        run.record_period(period)
         self.products.checkpointed(run, index)
         if manifest_due(run):
             run.storage.write_manifest(manifest(run, None))
-        self.on_change()
-
-    def _segmented(self, run: ActiveRun, index: int, metrics: dict[str, Any], files: dict[str, str]) -> None:
-        self.products.segmented(run, index, metrics, files)
         self.on_change()

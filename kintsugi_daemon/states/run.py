@@ -11,6 +11,9 @@ from kintsugi_daemon.service.storage import RunStorage
 
 __all__ = ["ActiveRun", "CommandRefused", "Interrupted", "Refused"]
 
+# Triggers after which the slice in progress no longer measures the instrument's pace.
+INTERRUPTING = frozenset({"pause", "paused", "suspend", "fault", "halt", "recovered"})
+
 
 class CommandRefused(Exception):
     """A command that the current state does not allow, or whose arguments are wrong; nothing changed."""
@@ -32,6 +35,13 @@ class ActiveRun:
     total: int
     next_slice: int = 0
     started: float = field(default_factory=time.time)
-    slice_times: list[float] = field(default_factory=list)
+    slice_times: list[float] = field(default_factory=list)  # periods of uninterrupted slices (the ETA)
+    slice_interrupted: bool = False  # paused, suspended or faulted since the slice began
     acquisition: Acquisition | None = None  # the last image, for segmentation
     face_m: float = 0.0
+
+    def record_period(self, period_s: float) -> None:
+        """A finished slice's period, for the ETA, unless waiting for an operator or a guard was in it."""
+        if not self.slice_interrupted:
+            self.slice_times.append(period_s)
+        self.slice_interrupted = False

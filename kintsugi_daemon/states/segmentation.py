@@ -29,24 +29,25 @@ from kintsugi_daemon.inference.overlay import overlay
 from kintsugi_daemon.inference.tiling import segment as run_segmentation
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.states.alerts import Alerts
+from kintsugi_daemon.states.checkpoint import SliceProducts
 from kintsugi_daemon.states.run import ActiveRun
 
-__all__ = ["REQUIRED_CLASSES", "SegmentationPipeline", "Segmented"]
+__all__ = ["REQUIRED_CLASSES", "SegmentationPipeline"]
 
 log = structlog.get_logger("kintsugi.controller")
 
 # Classes the adaptive logic reads (unfilled-pore fraction, CBD coverage): a model without them is refused.
 REQUIRED_CLASSES = ("pore", "unfilled_pore", "active", "cbd")
 
-# Called when a slice's segmentation is journaled: (run, slice, numeric metrics, product files).
-Segmented = Callable[[ActiveRun, int, dict[str, Any], dict[str, str]], None]
-
 
 class SegmentationPipeline:
-    def __init__(self, journal: Journal, alerts: Alerts, on_segmented: Segmented) -> None:
+    def __init__(
+        self, journal: Journal, alerts: Alerts, products: SliceProducts, on_change: Callable[[], None]
+    ) -> None:
         self._journal = journal
         self._alerts = alerts
-        self._on_segmented = on_segmented
+        self._products = products  # told of each slice's metrics, or of its failure
+        self._on_change = on_change
         self._model: SegmentationModel | None = None
         self._model_key: tuple[str, str, int | None] | None = None  # what `_model` was loaded from
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -140,6 +141,8 @@ class SegmentationPipeline:
                 ],
             )
             self._alerts.raise_("segmentation", "warning", f"slice {index}: segmentation failed: {exc}")
+            self._products.unsegmented(index)
+            self._on_change()
             return
         finally:
             self._running.pop(index, None)
@@ -155,7 +158,8 @@ class SegmentationPipeline:
             ],
         )
         products = {"segmentation" if k == "record" else k: v for k, v in files.items()}
-        self._on_segmented(run, index, numeric, products)
+        self._products.segmented(run, index, numeric, products)
+        self._on_change()
 
 
 def _read_images(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,9 @@ TRANSITIONS: list[dict[str, Any]] = [
         "source": [*_INTERRUPTIBLE, "preflight", "paused", "suspended", "stopping"],
         "dest": "aborting",
     },
+    # A faulted run ends in one command (the operator has seen the alert; the instrument is made safe).
+    {"trigger": "stop", "source": "faulted", "dest": "stopping", "conditions": "has_active_run"},
+    {"trigger": "abort", "source": "faulted", "dest": "aborting", "conditions": "has_active_run"},
     {"trigger": "finish", "source": ["running", "stopping", "aborting"], "dest": "done"},
     {
         "trigger": "fault",

@@ -92,6 +92,10 @@ def run_demo(out: Path, cache: Path, *extra: str, env: dict[str, str] | None = N
     # The output folder is the run directory, on the summary's last line.
     assert proc.stdout.strip().splitlines()[-1].split()[-1] == str(run_dir.resolve())
 
+    # The morning report is written at the end; its path is on the summary's line before the folder.
+    report = Path(proc.stdout.strip().splitlines()[-2].removeprefix("  report").strip())
+    assert report == run_dir.resolve() / "report" / f"{run_dir.name}_report.html"
+    assert report.is_file() and report.with_suffix(".pdf").is_file()
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["state"] == "done" and manifest["completed_slices"] == manifest["total_slices"] == 3
     for index in range(3):
@@ -109,6 +113,11 @@ def run_demo(out: Path, cache: Path, *extra: str, env: dict[str, str] | None = N
     ]
     assert positions == sorted(positions) and positions[0] > 0
     assert "daemon            exited with status 0, said offline" in proc.stdout
+    # The daemon's log is JSON throughout: the MQTT link's standard-library lines included.
+    log_lines = (demo_dir / "logs" / "daemon.log").read_text().splitlines()
+    assert any("mqtt: connected" in line for line in log_lines)
+    for line in log_lines:
+        assert isinstance(json.loads(line), dict), line
 
     # Broker, simulator and daemon are all gone.
     pids = json.loads((demo_dir / "pids.json").read_text())

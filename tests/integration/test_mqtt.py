@@ -429,6 +429,27 @@ async def test_retained_command_is_refused(broker: Broker, journal: Journal, ins
     assert daemon.calls == []
 
 
+async def test_retained_command_sent_while_connected_is_refused(
+    broker: Broker, journal: Journal, instrument: str
+) -> None:
+    """A live subscriber sees the retain flag cleared under MQTT 3.1.1; the link subscribes with MQTT 5
+    retain-as-published so a retained command sent *during* a run is refused too."""
+    topics, daemon = Topics(instrument), Daemon(path="running.mill")
+    async with running_link(broker, journal, instrument, daemon), client(broker, "operator") as op:
+        await op.subscribe(topics.root + "cmd/+/reply", qos=1)
+        await op.publish(topics.command("abort"), json.dumps(command()), qos=1, retain=True)
+        reply = CommandReply.model_validate(body(await next_message(op)))
+        # Clearing it (an empty retained payload) is no command: no reply, nothing malformed. A reply to
+        # it would arrive before the pause's: replies go out in the order the commands came in.
+        await op.publish(topics.command("abort"), b"", qos=1, retain=True)
+        await op.publish(topics.command("pause"), json.dumps(command()), qos=1)
+        after = CommandReply.model_validate(body(await next_message(op)))
+    assert reply.verb == "abort" and not reply.accepted
+    assert reply.error is not None and "retained" in reply.error
+    assert after.verb == "pause" and after.accepted
+    assert [verb for verb, _ in daemon.calls] == ["pause"]
+
+
 async def test_duplicate_command_id_gets_the_same_reply_and_runs_once(
     broker: Broker, journal: Journal, instrument: str
 ) -> None:

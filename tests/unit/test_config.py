@@ -51,6 +51,28 @@ def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str
         load_settings(path, env)
 
 
+def test_bad_environment_value_names_the_variable_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.toml"
+    path.write_text("[mqtt]\nport = 1884\n")  # the file is fine
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {"KINTSUGI_MQTT__PORT": "abc"})
+    assert str(err.value).startswith("environment KINTSUGI_MQTT__PORT: mqtt.port:")
+    assert str(path) not in str(err.value)
+    # A bad key in the file is still blamed on the file.
+    path.write_text('[mqtt]\nport = "x"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: mqtt\.port:"):
+        load_settings(path, {"KINTSUGI_MQTT__HOST": '"broker"'})
+
+
+def test_limits_read_in_scientific_notation_with_their_unit() -> None:
+    bad = GOOD + "[mill]\ncurrent_a = 15\n"  # meant nA
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(bad, "r.toml")
+    assert (
+        str(err.value) == "r.toml: mill.current_a: Input should be less than or equal to 2.5e-06 A (got 15)"
+    )
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_settings(tmp_path / "nope.toml", {})

@@ -183,6 +183,36 @@ def test_reopen_removes_stale_temp_files(run: RunStorage) -> None:
     assert not stale.exists() and reopened.run_dir == run.run_dir
 
 
+def _pixels_per_cm(path: Path) -> tuple[float, float, int]:
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages.first.tags
+        x, y = (tags[name].value for name in ("XResolution", "YResolution"))
+        return x[0] / x[1], y[0] / y[1], int(tags["ResolutionUnit"].value)
+
+
+def test_labels_and_ome_exports_carry_resolution_tags(run: RunStorage, tmp_path: Path) -> None:
+    """Fiji shows a scale bar for a label TIFF or an OME volume from the baseline tags alone."""
+    expected = 0.01 / PIXEL_M
+    for i in range(2):
+        run.write_slice(i, images(i), meta(i))
+        paths = run.write_segmentation(i, labels(i), None, {"porosity": 0.1})  # the daemon's path
+        x, y, unit = _pixels_per_cm(run.run_dir / paths["labels"])
+        assert x == pytest.approx(expected) and y == pytest.approx(expected) and unit == 3  # 3 = cm
+    for path in export_run(run.run_dir, tmp_path / "vol"):
+        x, y, unit = _pixels_per_cm(path)
+        assert x == pytest.approx(expected) and y == pytest.approx(expected) and unit == 3, path.name
+
+
+def test_slice_index_is_the_run_index_in_record_and_tiff(run: RunStorage) -> None:
+    """The instrument's milled-slice count (1 after the first mill) must not pass as the slice index."""
+    paths = run.write_slice(0, images(0), {**meta(0), "slice_index": 1})
+    record = run.read_slice(0)
+    with tifffile.TiffFile(run.run_dir / paths["cbs"]) as tif:
+        desc = json.loads(tif.pages.first.description)
+    assert record["index"] == record["metadata"]["slice_index"] == desc["slice_index"] == 0
+    assert record["metadata"]["instrument_slices_milled"] == desc["instrument_slices_milled"] == 1
+
+
 def _write_run(run: RunStorage, n: int) -> None:
     for i in range(n):
         run.write_slice(i, images(i), meta(i), labels=labels(i), summary={"i": i})
