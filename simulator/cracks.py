@@ -49,7 +49,7 @@ def make_cracks(p: SpecimenParams, rng: np.random.Generator, parts: Particles) -
             if draws[3 * q] >= p.crack_pair_probability:
                 continue
             w = p.crack_width_vox[0] + (p.crack_width_vox[1] - p.crack_width_vox[0]) * draws[3 * q + 1]
-            pts = _boundary_band(seeds, a, b, w, c, reach, shape)
+            pts = _boundary_band(seeds, a, b, w, c, reach, shape, p.crack_wiggle_vox, pid * 131 + q)
             if len(pts) == 0:
                 continue
             kind = 2 if closed[pid] else int(draws[3 * q + 2] < p.cbd_filled_crack_fraction)
@@ -82,8 +82,31 @@ def _grain_neighbours(u: F64) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
+def _wiggle(jj: F64, kk: F64, salt: int, cell: float = 10.0) -> F64:
+    """Smooth offsets in [-1, 1) over the plane coordinates (bilinear hashed lattice, `cell` voxels)."""
+    u, v = jj / cell, kk / cell
+    i0, j0 = np.floor(u), np.floor(v)
+    fu, fv = u - i0, v - j0
+    out = np.zeros_like(jj)
+    for di in (0, 1):
+        for dj in (0, 1):
+            h = ((i0 + di).astype(np.int64) * 73856093) ^ ((j0 + dj).astype(np.int64) * 19349663) ^ salt
+            h = ((h ^ (h >> 13)) * 1274126177) & 0xFFFFFF
+            w = (fu if di else 1 - fu) * (fv if dj else 1 - fv)
+            out += w * (h / 8388608.0 - 1.0)
+    return out
+
+
 def _boundary_band(
-    seeds: F64, a: int, b: int, width: float, centre: F64, reach: float, shape: tuple[int, int, int]
+    seeds: F64,
+    a: int,
+    b: int,
+    width: float,
+    centre: F64,
+    reach: float,
+    shape: tuple[int, int, int],
+    wiggle: float = 0.0,
+    salt: int = 0,
 ) -> I64:
     """Flat indices of voxels within width/2 of the bisector of seeds a, b whose two nearest seeds are a, b,
     inside the sphere (centre, reach). Built plane-first so the cost scales with the crack area."""
@@ -98,6 +121,8 @@ def _boundary_band(
         return np.zeros(0, np.int64)
     jj, kk = np.meshgrid(js.astype(np.float64), ks.astype(np.float64), indexing="ij")
     t0 = mid[i] - (normal[j] * (jj - mid[j]) + normal[k] * (kk - mid[k])) / normal[i]
+    if wiggle > 0:
+        t0 = t0 + wiggle * _wiggle(jj, kk, salt)
     inside = (jj - centre[j]) ** 2 + (kk - centre[k]) ** 2 + (t0 - centre[i]) ** 2 < (reach + 3.0) ** 2
     jj, kk, t0 = jj[inside], kk[inside], t0[inside]
     span = 0.5 * width / abs(normal[i])
@@ -107,7 +132,10 @@ def _boundary_band(
     pts[:, i] = t.ravel()
     pts[:, j] = np.broadcast_to(jj[:, None], t.shape).ravel()
     pts[:, k] = np.broadcast_to(kk[:, None], t.shape).ravel()
-    keep = (np.abs((pts - mid) @ normal) < 0.5 * width) & (pts[:, i] >= 0) & (pts[:, i] < shape[i])
+    off = (pts - mid) @ normal
+    if wiggle > 0:  # measure the band around the meandering surface, not the flat bisector
+        off = off - wiggle * normal[i] * _wiggle(pts[:, j], pts[:, k], salt)
+    keep = (np.abs(off) < 0.5 * width) & (pts[:, i] >= 0) & (pts[:, i] < shape[i])
     keep &= np.sum((pts - centre) ** 2, axis=1) < reach**2
     pts = pts[keep]
     if len(pts) == 0:

@@ -218,6 +218,7 @@ class SimulatedDualBeam(ImagingVerbs):
             self._rng_curtain,
             self._face.curtain,
             pt=self.pt[fi],  # filled voids no longer seed curtains: the kintsugi side benefit
+            voxel_size_m=self.voxel_m,
         )
 
     async def mill(self, request: MillRequest, *, deadline_s: float | None = None) -> MillResult:

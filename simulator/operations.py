@@ -41,9 +41,11 @@ from kintsugi_daemon.instrument import (
 )
 from simulator.faults import FaultPlan, FaultSpec
 from simulator.imaging import (
+    CAP_VIEW_M,
     FaceView,
     ImagingConditions,
 )
+from simulator.pore_back import PORE_BACK_MAX_DEPTH_M
 from simulator.specimen import Specimen
 
 __all__ = [
@@ -52,11 +54,18 @@ __all__ = [
     "InstrumentCore",
     "SimulatorSettings",
     "check_fault_applicable",
+    "depth_ahead_vox",
 ]
 
 T = TypeVar("T")
 
-DEPTH_AHEAD_VOX = 128  # planes behind the face the renderer may see through pores (5.1 um at 40 nm)
+
+def depth_ahead_vox(voxel_m: float) -> int:
+    """Planes behind the face the renderer may see through pores: the pore-back reach plus two."""
+    return math.ceil(PORE_BACK_MAX_DEPTH_M / voxel_m) + 2
+
+
+DEPTH_AHEAD_VOX = depth_ahead_vox(40e-9)  # at the default 40 nm voxels (127)
 DRIFT_NM_PER_SQRT_S = 0.4  # random walk: ~3 nm after a minute
 CURRENT_DROP_FACTOR = 0.6
 
@@ -202,12 +211,16 @@ class InstrumentCore:
 
     def _face_view(self) -> FaceView:
         fi = self.face_index
+        ahead = depth_ahead_vox(self.voxel_m)
         return FaceView(
-            materials=self.specimen.materials[fi : fi + DEPTH_AHEAD_VOX],
-            pt=self.pt[fi : fi + DEPTH_AHEAD_VOX],
+            materials=self.specimen.materials[fi : fi + ahead],
+            pt=self.pt[fi : fi + ahead],
             voxel_size_m=self.voxel_m,
             geometry=self.geometry,
             pt_source="electron",
+            z_m=fi * self.voxel_m,
+            cap_m=self._face.cap_m,
+            texture_seed=self.specimen.params.seed,
         )
 
     def _fault_gate(self, verb: str, *, tick: bool = True) -> list[FaultSpec]:
@@ -309,6 +322,7 @@ class InstrumentCore:
         x = (cols * self.voxel_m - width_m) / 2.0 - self._stage.x_m
         y = -self._stage.y_m
         if self.geometry == "cross_section":
+            y -= CAP_VIEW_M  # the frame's top rows show the protective cap, as on the instrument
             # A fixed beam meets a receding face lower down: the y-correction Slice & View applies.
             y += self._face.position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
         x += self._beam_shift.x_m - self._drift[0]
@@ -389,7 +403,7 @@ class InstrumentCore:
             "face_index": fi,
             "face_position_m": self._face.position_m,
             "slice_index": self._face.slice_index,
-            "pt_voxels_ahead": int(self.pt[fi : fi + DEPTH_AHEAD_VOX].sum()),
+            "pt_voxels_ahead": int(self.pt[fi : fi + depth_ahead_vox(self.voxel_m)].sum()),
             "cap_thickness_m": self._face.cap_m,
             "instrument_time_s": self._instrument_s,
             "faults": self.faults.describe(time.monotonic()),

@@ -8,7 +8,33 @@ from scipy.spatial import cKDTree
 from simulator.specimen_grid import F64, Particles
 from simulator.specimen_params import SpecimenParams
 
-__all__ = ["collector_floor", "pack_particles", "visible_particles"]
+__all__ = ["add_fines", "collector_floor", "pack_particles", "visible_particles"]
+
+
+def add_fines(p: SpecimenParams, rng: np.random.Generator, parts: Particles) -> Particles:
+    """Append NMC fines (fragments of primary-grain clusters, 0.3-1 um; calendering breaks particles)
+    scattered through the electrode: fines_fraction of the NMC volume. Appended after the cracks were
+    drawn, so particle indices of cracked particles stay as they were."""
+    shape = np.array(p.shape, dtype=np.float64)
+    depth_axis, floor_at = collector_floor(p)
+    depth_end = shape[depth_axis] if floor_at is None else min(floor_at, shape[depth_axis])
+    box = shape.copy()
+    box[depth_axis] = depth_end
+    want = float(np.prod(box)) * p.targets.nmc * p.fines_fraction
+    lo_r, hi_r = (0.5 * d / p.voxel_size_m for d in p.fines_diameter_m)
+    radii: list[float] = []
+    total = 0.0
+    while total < want and len(radii) < 200_000:
+        r = float(rng.uniform(lo_r, hi_r))
+        radii.append(r)
+        total += 4.0 / 3.0 * np.pi * r**3
+    if not radii:
+        return parts
+    r_arr = np.asarray(radii)
+    centres = rng.random((len(r_arr), 3)) * (box - 1)
+    return Particles(
+        centres=np.concatenate([parts.centres, centres]), radii=np.concatenate([parts.radii, r_arr])
+    )
 
 
 def pack_particles(p: SpecimenParams, rng: np.random.Generator, nmc_target: float) -> Particles:

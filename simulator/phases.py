@@ -33,7 +33,7 @@ from simulator.specimen_grid import (
 )
 from simulator.specimen_params import SpecimenParams
 
-__all__ = ["Fields", "collector_mask", "render_slabs", "solve_fields"]
+__all__ = ["Fields", "collector_mask", "effective_g2", "render_slabs", "solve_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,18 @@ class Fields:
     interface: F32  # coarse collector interface height over the two lateral axes
     depth_axis: int
     floor_at: float | None
+    bump: F32 | None = None  # coarse surface-roughness field (same nodes as score): g2 * (1 - 2 bump)
+
+
+def effective_g2(g2: F32, f: Fields, grid: Grid) -> F32:
+    """The particle field with rough surfaces: a point is inside when g2 * (1 - 2 bump) < scale^2."""
+    if f.bump is None:
+        return g2
+    out = interp3(f.bump, grid, f.score_margin)
+    out *= np.float32(-2.0)
+    out += np.float32(1.0)
+    out *= g2
+    return out
 
 
 def collector_mask(f: Fields, grid: Grid) -> npt.NDArray[np.bool_]:
@@ -76,13 +88,26 @@ def solve_fields(p: SpecimenParams, rng: np.random.Generator, parts: Particles, 
     interface = (rough + (floor_at if floor_at is not None else 0.0)).astype(np.float32)
     fields = Fields(1.0, 0.0, np.zeros((2, 2, 2), np.float32), 0, interface, depth_axis, floor_at)
 
+    # Coarse grid with a margin so blurs see particles beyond the volume; surface roughness lives on it.
+    sig_neck = p.cbd_neck_sigma_m / (p.voxel_size_m * COARSE)
+    sig_noise = p.cbd_noise_length_m / (p.voxel_size_m * COARSE)
+    sig_rough = p.roughness_length_m / (p.voxel_size_m * COARSE)
+    margin = math.ceil(3 * max(sig_neck, sig_noise, sig_rough)) + 1
+    cgrid = tuple(Axis(-margin * COARSE, COARSE, (n - 1) // COARSE + 2 + 2 * margin) for n in shape)
+    assert len(cgrid) == 3
+    bump = ndimage.gaussian_filter(rng.standard_normal(grid_shape(cgrid), dtype=np.float32), sig_rough)
+    bump *= np.float32(p.surface_roughness / max(float(bump.std()), 1e-6))
+    fields = dataclasses.replace(fields, bump=bump, score_margin=margin)
+    attach2 = np.float32((1.0 + p.cbd_attach) ** 2)
+
     # Stride: odd (so it beats against COARSE and samples every interpolation phase), ~<= 16M samples.
     stride = 1
     while math.prod(shape) / stride**3 > 16e6:
         stride += 2
     grid = tuple(Axis(0, stride, (n - 1) // stride + 1) for n in shape)
     assert len(grid) == 3
-    g2, label = particle_field(grid, parts, SCALE_MAX)
+    g2, label = particle_field(grid, parts, SCALE_MAX * (1.0 + p.cbd_attach))
+    g2 = effective_g2(g2, fields, grid)
     electrode = ~collector_mask(fields, grid)
     n_el = max(1, int(np.count_nonzero(electrode)))
     g2e = g2[electrode]
@@ -110,14 +135,8 @@ def solve_fields(p: SpecimenParams, rng: np.random.Generator, parts: Particles, 
     s2 = scale * scale
     cbd_in_cracks = crack_voxels(s2)[1]
 
-    # CBD score on a coarse grid with a margin so the blur sees particles beyond the volume.
-    sig_neck = p.cbd_neck_sigma_m / (p.voxel_size_m * COARSE)
-    sig_noise = p.cbd_noise_length_m / (p.voxel_size_m * COARSE)
-    margin = math.ceil(3 * max(sig_neck, sig_noise)) + 1
-    cgrid = tuple(Axis(-margin * COARSE, COARSE, (n - 1) // COARSE + 2 + 2 * margin) for n in shape)
-    assert len(cgrid) == 3
     cg, _ = particle_field(cgrid, parts, scale)
-    solid = (cg < s2).astype(np.float32)
+    solid = (effective_g2(cg, fields, cgrid) < s2).astype(np.float32)
     solid[collector_mask(fields, cgrid)] = 1.0  # binder also wets the collector
     score = ndimage.gaussian_filter(solid, sig_neck, mode="nearest")
     del cg, solid
@@ -126,7 +145,7 @@ def solve_fields(p: SpecimenParams, rng: np.random.Generator, parts: Particles, 
     score += noise
     del noise
 
-    free = electrode & (g2 >= s2)
+    free = electrode & (g2 >= s2) & (g2 < s2 * attach2)  # CBD hugs particles: no floating islands
     fscore = interp3(score, grid, margin)[free]
     need = round(target.cbd * n_el) - cbd_in_cracks
     if 0 < need < len(fscore):
@@ -134,7 +153,7 @@ def solve_fields(p: SpecimenParams, rng: np.random.Generator, parts: Particles, 
         threshold = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
     else:
         threshold = math.inf if need <= 0 else -math.inf
-    return dataclasses.replace(fields, scale=scale, cbd_threshold=threshold, score=score, score_margin=margin)
+    return dataclasses.replace(fields, scale=scale, cbd_threshold=threshold, score=score)
 
 
 def render_slabs(
@@ -143,16 +162,20 @@ def render_slabs(
     """Full-resolution materials, slab by slab along axis 0 (bounds the temporaries)."""
     n0, n1, n2 = p.shape
     s2 = np.float32(f.scale**2)
+    attach2 = np.float32((1.0 + p.cbd_attach) ** 2) * s2
     lim2 = np.array([s2, s2, s2 * CLOSED_LIMIT**2], dtype=np.float32)
     for z0 in range(0, n0, slab):
         grid = (Axis(z0, 1, min(slab, n0 - z0)), Axis(0, 1, n1), Axis(0, 1, n2))
-        g2, label = particle_field(grid, parts, f.scale)
-        part = g2 < s2
+        g2, label = particle_field(grid, parts, f.scale * (1.0 + p.cbd_attach))
+        rough = effective_g2(g2, f, grid)
+        part = rough < s2
         mat = part.view(np.uint8) + np.uint8(Material.PORE)  # PORE=1, NMC=2
         score = interp3(f.score, grid, f.score_margin)
         cbd = score > f.cbd_threshold
         del score
         cbd &= ~part
+        cbd &= rough < attach2
+        del rough
         np.copyto(mat, np.uint8(Material.CBD), where=cbd)
         del cbd, part
         sel, gflat = crack_hits(cracks, grid, p.shape)

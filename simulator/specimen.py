@@ -34,21 +34,27 @@ import numpy.typing as npt
 from kintsugi_daemon.service.atomic import write_atomic, write_json_atomic
 from simulator.cracks import make_cracks
 from simulator.materials import Material
-from simulator.particles import pack_particles, visible_particles
+from simulator.particles import add_fines, pack_particles, visible_particles
 from simulator.phases import render_slabs, solve_fields
 from simulator.specimen_grid import F64, I64
 from simulator.specimen_params import CBD_NANOPOROSITY, PRESETS, PresetFractions, SpecimenParams
 
 __all__ = [
     "PRESETS",
+    "PRESET_TOLERANCE",
     "PresetFractions",
+    "PresetMissed",
     "Specimen",
     "SpecimenParams",
     "build_specimen",
+    "check_preset",
     "default_cache_dir",
+    "fractions_of",
 ]
 
 log = logging.getLogger(__name__)
+
+PRESET_TOLERANCE = 0.03  # a volume further than this from its preset's fractions is refused
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,22 +66,45 @@ class Specimen:
     particle_radii_vox: F64 = field(repr=False)
 
     def fractions(self) -> dict[str, float]:
-        """nmc, cbd (domain incl. CBD-filled cracks), pore (resolved voids incl. empty cracks), crack
-        (empty + CBD-filled) and porosity over the electrode (no collector, no vacuum); collector over
-        the whole volume."""
-        c = self.counts
-        total = sum(c.values())
-        electrode = max(1, total - c["AL"] - c["VACUUM"])
-        cbd = (c["CBD"] + c["CBD_CRACK"]) / electrode
-        pore = (c["PORE"] + c["CRACK"]) / electrode
-        return {
-            "nmc": c["NMC"] / electrode,
-            "cbd": cbd,
-            "pore": pore,
-            "porosity": pore + CBD_NANOPOROSITY * cbd,
-            "crack": (c["CRACK"] + c["CBD_CRACK"]) / electrode,
-            "collector": c["AL"] / max(1, total),
-        }
+        return fractions_of(self.counts)
+
+
+def fractions_of(c: dict[str, int]) -> dict[str, float]:
+    """nmc, cbd (domain incl. CBD-filled cracks), pore (resolved voids incl. empty cracks), crack (empty +
+    CBD-filled) and porosity over the electrode (no collector, no vacuum); collector over the volume."""
+    total = sum(c.values())
+    electrode = max(1, total - c["AL"] - c["VACUUM"])
+    cbd = (c["CBD"] + c["CBD_CRACK"]) / electrode
+    pore = (c["PORE"] + c["CRACK"]) / electrode
+    return {
+        "nmc": c["NMC"] / electrode,
+        "cbd": cbd,
+        "pore": pore,
+        "porosity": pore + CBD_NANOPOROSITY * cbd,
+        "crack": (c["CRACK"] + c["CBD_CRACK"]) / electrode,
+        "collector": c["AL"] / max(1, total),
+    }
+
+
+class PresetMissed(ValueError):
+    """The built volume's fractions are further than PRESET_TOLERANCE from its preset's."""
+
+
+def check_preset(params: SpecimenParams, counts: dict[str, int]) -> None:
+    """Raise PresetMissed naming every fraction off its target by more than PRESET_TOLERANCE."""
+    got = fractions_of(counts)
+    want = params.targets
+    misses = [
+        f"{name} {got[name]:.3f} (target {target:.2f})"
+        for name, target in (("nmc", want.nmc), ("cbd", want.cbd), ("porosity", want.porosity))
+        if abs(got[name] - target) > PRESET_TOLERANCE
+    ]
+    if misses:
+        raise PresetMissed(
+            f"specimen preset {params.preset} seed {params.seed} shape {params.shape} misses its volume "
+            f"fractions by more than {PRESET_TOLERANCE}: {', '.join(misses)}; a larger volume or another "
+            "seed packs closer to the preset"
+        )
 
 
 def default_cache_dir() -> Path:
@@ -100,10 +129,11 @@ def build_specimen(
             report(1.0)
             return cached
     ss = np.random.SeedSequence([params.seed, 0x6B696E74])
-    rng_pack, rng_crack, rng_field = (np.random.default_rng(s) for s in ss.spawn(3))
+    rng_pack, rng_crack, rng_field, rng_fines = (np.random.default_rng(s) for s in ss.spawn(4))
     parts = pack_particles(params, rng_pack, params.targets.nmc)
     report(0.05)
     cracks = make_cracks(params, rng_crack, parts)
+    parts = add_fines(params, rng_fines, parts)
     report(0.1)
     fields = solve_fields(params, rng_field, parts, cracks)
     report(0.2)
@@ -125,6 +155,7 @@ def build_specimen(
         for mat in slabs():
             materials[z : z + mat.shape[0]] = mat
             z += mat.shape[0]
+        check_preset(params, _count_dict(counts))
         report(1.0)
         return Specimen(params, materials, _count_dict(counts), centres, radii)
 
@@ -139,6 +170,7 @@ def build_specimen(
         for mat in slabs():
             crc = zlib.crc32(mat.data, crc)
             fh.write(mat.data)
+        check_preset(params, _count_dict(counts))  # raising here leaves no cache file behind
 
     write_atomic(npy, write)
     meta_doc: dict[str, Any] = {

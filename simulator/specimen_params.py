@@ -11,7 +11,7 @@ from typing import Literal
 __all__ = ["CBD_NANOPOROSITY", "GENERATOR_VERSION", "PRESETS", "PresetFractions", "SpecimenParams"]
 
 # Bump whenever the generator changes what a given SpecimenParams renders (invalidates caches).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,17 @@ class SpecimenParams:
     crack_fraction: float = 0.4  # fraction of particles that carry cracks
     closed_crack_fraction: float = 0.4  # of the cracked particles, those whose cracks are all closed
     cbd_filled_crack_fraction: float = 0.5  # of the open cracks, those filled with CBD
-    grains_per_particle: tuple[int, int] = (4, 8)  # grain seeds per cracked particle (min, max)
-    crack_pair_probability: float = 0.5  # chance that a grain boundary is cracked
-    crack_width_vox: tuple[float, float] = (1.5, 4.0)
+    # grain-boundary seeds per cracked particle (min, max): clusters of primary grains whose boundaries
+    # crack; with ~20 of them a cracked section shows a network, not a few straight planes
+    grains_per_particle: tuple[int, int] = (14, 28)
+    crack_pair_probability: float = 0.3  # chance that a boundary between two clusters is cracked
+    crack_width_vox: tuple[float, float] = (1.0, 2.5)
+    crack_wiggle_vox: float = 2.0  # cracks meander around the boundary plane (intergranular path)
+    surface_roughness: float = 0.05  # particle radius modulation (fraction of the radius, rms-ish)
+    roughness_length_m: float = 0.3e-6
+    fines_fraction: float = 0.03  # NMC fines (broken primary-grain clusters) as a share of the NMC target
+    fines_diameter_m: tuple[float, float] = (0.3e-6, 1.0e-6)
+    cbd_attach: float = 0.45  # CBD lies within this fraction of a radius of a particle: no floating islands
     cbd_neck_sigma_m: float = 0.6e-6  # blur of the solid indicator: sets how CBD hugs necks
     cbd_noise_length_m: float = 0.4e-6  # correlation length of the CBD noise
     cbd_noise_weight: float = 0.12
@@ -62,6 +70,7 @@ class SpecimenParams:
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
         object.__setattr__(self, "grains_per_particle", tuple(int(n) for n in self.grains_per_particle))
         object.__setattr__(self, "crack_width_vox", tuple(float(w) for w in self.crack_width_vox))
+        object.__setattr__(self, "fines_diameter_m", tuple(float(d) for d in self.fines_diameter_m))
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; one of {sorted(PRESETS)}")
         if len(self.shape) != 3 or min(self.shape) < 1:
