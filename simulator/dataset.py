@@ -2,8 +2,11 @@
 
 Both variants run the daemon's fixed schedule (its own requests and imaging) on the same specimen with the
 same random streams, so slice i of `with-pt/` and `without-pt/` show the same plane; only the Pt (and so
-pore contrast) differs. Every file is written atomically and the manifest last, so a folder with a
-`dataset.json` is complete.
+pore contrast) differs. With `partial=True` a third variant `partial-pt/` deposits as `with-pt/` but the
+precursor passes only throats wider than 2 x PARTIAL_THROAT_RADIUS_M: a partial infiltration, where
+narrow pores and cracks stay empty (the faces a model must see to notice failed infiltration). Labels
+are the canonical classes; pixels outside the specimen (the Pt cap, vacuum) are 255 (`outside_label`).
+Every file is written atomically and the manifest last, so a folder with a `dataset.json` is complete.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from kintsugi_daemon.drivers.base import Acquisition, DualBeam
 from kintsugi_daemon.service.atomic import write_json_atomic, write_tiff_atomic
 from kintsugi_daemon.states import steps
 from simulator.factory import RunSize, make_simulator
-from simulator.materials import CANONICAL_CLASSES
+from simulator.materials import CANONICAL_CLASSES, OUTSIDE_LABEL
 
-__all__ = ["VARIANTS", "export_dataset"]
+__all__ = ["PARTIAL_THROAT_RADIUS_M", "PARTIAL_VARIANT", "VARIANTS", "export_dataset"]
 
 VARIANTS = ("with-pt", "without-pt")
+PARTIAL_VARIANT = "partial-pt"
+PARTIAL_THROAT_RADIUS_M = 0.15e-6
 # The field of view's milled area: generous, so every FOV fits (it only sets the simulated mill time).
 ROI = {"width_m": 65e-6, "height_m": 55e-6}
 
@@ -82,12 +87,19 @@ async def _export_variant(
     geometry: Literal["cross_section", "planar"],
     cache_dir: Path | None,
     progress: Callable[[str], None],
+    throat_radius_m: float = 40e-9,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete folder: drop a stale one before the first file is overwritten.
     (out / "dataset.json").unlink(missing_ok=True)
     sim = make_simulator(
-        size, preset=preset, seed=seed, geometry=geometry, time_scale=0.0, cache_dir=cache_dir
+        size,
+        preset=preset,
+        seed=seed,
+        geometry=geometry,
+        time_scale=0.0,
+        cache_dir=cache_dir,
+        throat_radius_m=throat_radius_m,
     )
     slices: list[dict[str, Any]] = []
     async for outcome in fixed_schedule(sim, recipe):
@@ -113,6 +125,7 @@ async def _export_variant(
     manifest = {
         "detectors": list(img.detectors),
         "classes": CANONICAL_CLASSES,
+        "outside_label": OUTSIDE_LABEL,
         "pixel_size_m": img.pixel_size_m,
         "slice_thickness_m": recipe.run.slice_thickness_m,
         "width_px": img.width_px,
@@ -121,6 +134,7 @@ async def _export_variant(
         "seed": seed,
         "geometry": geometry,
         "pt_infiltration": recipe.pt.every_slices > 0,
+        "pt_throat_radius_m": throat_radius_m if recipe.pt.every_slices > 0 else None,
         "imaging": {"voltage_v": img.voltage_v, "current_a": img.current_a, "dwell_s": img.dwell_s},
         "generator": "kintsugi-sim dataset",
         "slices": slices,
@@ -141,6 +155,7 @@ def export_dataset(
     geometry: Literal["cross_section", "planar"] = "cross_section",
     cache_dir: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    partial: bool = False,
 ) -> dict[str, dict[str, Any]]:
     recipe = _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=1)
     size = RunSize(
@@ -151,10 +166,10 @@ def export_dataset(
         slice_thickness_m=recipe.run.slice_thickness_m,
     )
     manifests = {}
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, PARTIAL_VARIANT) if partial else VARIANTS:
         variant_recipe = (
             recipe
-            if variant == "with-pt"
+            if variant != "without-pt"
             else _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=0)
         )
         manifests[variant] = asyncio.run(
@@ -167,6 +182,7 @@ def export_dataset(
                 geometry=geometry,
                 cache_dir=cache_dir,
                 progress=progress,
+                throat_radius_m=PARTIAL_THROAT_RADIUS_M if variant == PARTIAL_VARIANT else 40e-9,
             )
         )
     return manifests

@@ -60,7 +60,6 @@ CAP_EROSION_PER_MILL_M = 2e-9
 POST_MILL_JUMP_M = 25e-9
 INFILTRATION_PER_THICKNESS = 5.0  # infiltration depth per deposited thickness (choice; DOMAIN sweep 0.2-5 um)
 MAX_INFILTRATION_M = 5e-6
-THROAT_RADIUS_M = 40e-9
 
 
 class SimulatedDualBeam(ImagingVerbs):
@@ -181,7 +180,11 @@ class SimulatedDualBeam(ImagingVerbs):
             if depth_vox > 0 and fi < self.pt.shape[0]:
                 mask = await self._in_thread(
                     asyncio.to_thread(
-                        infiltrate, self.specimen.materials, fi, depth_vox, THROAT_RADIUS_M / self.voxel_m
+                        infiltrate,
+                        self.specimen.materials,
+                        fi,
+                        depth_vox,
+                        self.settings.throat_radius_m / self.voxel_m,
                     )
                 )
                 self.pt[fi : fi + mask.shape[0]] |= mask

@@ -128,6 +128,9 @@ class SimulatorSettings:
     time_scale: float = 1.0  # real seconds per simulated second; 0 = instant
     seed: int = 0
     serial: str = "SIM-0001"
+    # Pt passes only throats at least twice this wide: 40 nm lets it into nearly every open void; a
+    # larger radius models a partial infiltration (narrow pores and cracks stay empty)
+    throat_radius_m: float = 40e-9
 
 
 @dataclass
