@@ -76,6 +76,23 @@ def collector_mask(f: Fields, grid: Grid) -> npt.NDArray[np.bool_]:
     return depth[None, :, None] >= top[:, None, :]
 
 
+def _coarse_grid_with_roughness(
+    p: SpecimenParams, rng: np.random.Generator, fields: Fields
+) -> tuple[Grid, Fields]:
+    """The coarse grid (with a margin so blurs see particles beyond the volume) and the particles'
+    surface-roughness field on it."""
+    sig = [
+        x / (p.voxel_size_m * COARSE)
+        for x in (p.cbd_neck_sigma_m, p.cbd_noise_length_m, p.roughness_length_m)
+    ]
+    margin = math.ceil(3 * max(sig)) + 1
+    cgrid = tuple(Axis(-margin * COARSE, COARSE, (n - 1) // COARSE + 2 + 2 * margin) for n in p.shape)
+    assert len(cgrid) == 3
+    bump = ndimage.gaussian_filter(rng.standard_normal(grid_shape(cgrid), dtype=np.float32), sig[2])
+    bump *= np.float32(p.surface_roughness / max(float(bump.std()), 1e-6))
+    return cgrid, dataclasses.replace(fields, bump=bump, score_margin=margin)
+
+
 def solve_fields(p: SpecimenParams, rng: np.random.Generator, parts: Particles, cracks: Cracks) -> Fields:
     """Pick the radius scale and CBD threshold on a strided sample so the targets are met."""
     target = p.targets
@@ -88,16 +105,10 @@ def solve_fields(p: SpecimenParams, rng: np.random.Generator, parts: Particles, 
     interface = (rough + (floor_at if floor_at is not None else 0.0)).astype(np.float32)
     fields = Fields(1.0, 0.0, np.zeros((2, 2, 2), np.float32), 0, interface, depth_axis, floor_at)
 
-    # Coarse grid with a margin so blurs see particles beyond the volume; surface roughness lives on it.
+    cgrid, fields = _coarse_grid_with_roughness(p, rng, fields)
+    margin = fields.score_margin
     sig_neck = p.cbd_neck_sigma_m / (p.voxel_size_m * COARSE)
     sig_noise = p.cbd_noise_length_m / (p.voxel_size_m * COARSE)
-    sig_rough = p.roughness_length_m / (p.voxel_size_m * COARSE)
-    margin = math.ceil(3 * max(sig_neck, sig_noise, sig_rough)) + 1
-    cgrid = tuple(Axis(-margin * COARSE, COARSE, (n - 1) // COARSE + 2 + 2 * margin) for n in shape)
-    assert len(cgrid) == 3
-    bump = ndimage.gaussian_filter(rng.standard_normal(grid_shape(cgrid), dtype=np.float32), sig_rough)
-    bump *= np.float32(p.surface_roughness / max(float(bump.std()), 1e-6))
-    fields = dataclasses.replace(fields, bump=bump, score_margin=margin)
     attach2 = np.float32((1.0 + p.cbd_attach) ** 2)
 
     # Stride: odd (so it beats against COARSE and samples every interpolation phase), ~<= 16M samples.
