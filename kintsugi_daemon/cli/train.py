@@ -93,6 +93,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     t.add_argument("--time-limit-s", type=float, default=None, help="stop after the epoch that passes it")
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--device", default="cpu", help="torch device for training steps, e.g. cuda")
     t.add_argument("--opset", type=int, default=14)
     t.add_argument(
         "--tile",
@@ -135,6 +136,7 @@ def _main(args: argparse.Namespace) -> int:
         tile=args.tile,
         rare_class_fraction=args.rare_class_fraction,
         time_limit_s=args.time_limit_s,
+        device=args.device,
     )
     result = train(cfg)
     ious = "  ".join(f"{k} {v:.3f}" for k, v in result.val_iou.items() if v is not None)

@@ -84,6 +84,7 @@ class TrainConfig:
     augment: bool = True
     rare_class_fraction: float = 0.3
     time_limit_s: float | None = None
+    device: str = "cpu"  # torch device for the training steps ("cuda" on a GPU machine); export is on CPU
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -196,6 +197,7 @@ class _Session:
         arch: dict[str, Any],
         sampler: CropSampler,
     ) -> _Session:
+        model.to(cfg.device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch, pct_start=0.15
@@ -204,7 +206,7 @@ class _Session:
 
     def resume(self, path: Path, log: Log) -> None:
         cfg = self.cfg
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location=cfg.device)
         if state["architecture"] != self.arch:
             raise ValueError(
                 f"{path}: checkpoint is a {state['architecture']} model; this run builds {self.arch}"
@@ -246,8 +248,8 @@ class _Session:
     def run_epoch(self) -> float:
         """One epoch of steps; the mean loss."""
         cfg = self.cfg
-        mean_t = torch.tensor([n.mean for n in self.norm]).view(1, -1, 1, 1)
-        std_t = torch.tensor([n.std for n in self.norm]).view(1, -1, 1, 1)
+        mean_t = torch.tensor([n.mean for n in self.norm], device=cfg.device).view(1, -1, 1, 1)
+        std_t = torch.tensor([n.std for n in self.norm], device=cfg.device).view(1, -1, 1, 1)
         self.model.train()
         losses: list[float] = []
         for _ in range(cfg.steps_per_epoch):
@@ -255,6 +257,7 @@ class _Session:
             x, y = torch.from_numpy(xb), torch.from_numpy(yb)
             if cfg.augment:
                 x, y = augment(x, y, self.gen)
+            x, y = x.to(cfg.device), y.to(cfg.device)
             logits = self.model((x - mean_t) / std_t)
             loss = nnf.cross_entropy(logits, y, ignore_index=IGNORE)
             if cfg.dice_weight:
@@ -409,6 +412,7 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
     last = run.history[-1] if run.history else {}
     spec = spec_with(_training_record(cfg, infos, run, last))
     architecture = {**arch, "parameters": n_params, "batchnorm_folded": True}
+    model.cpu()
     diff = export_onnx(
         model, cfg.out, spec, {"architecture": architecture}, opset=cfg.opset, sample=slices[0].image, log=log
     )

@@ -206,6 +206,8 @@ class TorchTiled:
         return None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        device = next(self.net.parameters()).device
         with torch.inference_mode():
-            out: np.ndarray = self.net(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            out: np.ndarray = self.net(x).cpu().numpy()
         return out
