@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--partial",
         action="store_true",
-        help="also write partial-pt/: Pt that misses narrow pores and cracks (a partial infiltration)",
+        help="also write partial-pt/: Pt reaches only half the face area (a partial infiltration)",
     )
     return p
 

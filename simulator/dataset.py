@@ -3,8 +3,8 @@
 Both variants run the daemon's fixed schedule (its own requests and imaging) on the same specimen with the
 same random streams, so slice i of `with-pt/` and `without-pt/` show the same plane; only the Pt (and so
 pore contrast) differs. With `partial=True` a third variant `partial-pt/` deposits as `with-pt/` but the
-precursor passes only throats wider than 2 x PARTIAL_THROAT_RADIUS_M: a partial infiltration, where
-narrow pores and cracks stay empty (the faces a model must see to notice failed infiltration). Labels
+precursor gets into only PARTIAL_COVERAGE of the face area (patches a few um across stay empty): a
+partial infiltration, filled and empty pores side by side (what a model must see to notice it). Labels
 are the canonical classes; pixels outside the specimen (the Pt cap, vacuum) are 255 (`outside_label`).
 Every file is written atomically and the manifest last, so a folder with a `dataset.json` is complete.
 """
@@ -24,11 +24,11 @@ from kintsugi_daemon.states import steps
 from simulator.factory import RunSize, make_simulator
 from simulator.materials import CANONICAL_CLASSES, OUTSIDE_LABEL
 
-__all__ = ["PARTIAL_THROAT_RADIUS_M", "PARTIAL_VARIANT", "VARIANTS", "export_dataset"]
+__all__ = ["PARTIAL_COVERAGE", "PARTIAL_VARIANT", "VARIANTS", "export_dataset"]
 
 VARIANTS = ("with-pt", "without-pt")
 PARTIAL_VARIANT = "partial-pt"
-PARTIAL_THROAT_RADIUS_M = 0.15e-6
+PARTIAL_COVERAGE = 0.5
 # The field of view's milled area: generous, so every FOV fits (it only sets the simulated mill time).
 ROI = {"width_m": 65e-6, "height_m": 55e-6}
 
@@ -60,6 +60,7 @@ def _recipe(
     geometry: Literal["cross_section", "planar"],
     *,
     pt_every: int,
+    imaging: dict[str, float] | None = None,
 ) -> Recipe:
     return Recipe.model_validate(
         {
@@ -71,7 +72,12 @@ def _recipe(
             },
             "roi": ROI,
             "pt": {"every_slices": pt_every},
-            "imaging": {"width_px": width_px, "height_px": height_px, "pixel_size_m": pixel_size_m},
+            "imaging": {
+                "width_px": width_px,
+                "height_px": height_px,
+                "pixel_size_m": pixel_size_m,
+                **(imaging or {}),
+            },
             "segmentation": {"enabled": False},
         }
     )
@@ -87,7 +93,7 @@ async def _export_variant(
     geometry: Literal["cross_section", "planar"],
     cache_dir: Path | None,
     progress: Callable[[str], None],
-    throat_radius_m: float = 40e-9,
+    coverage: float = 1.0,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete folder: drop a stale one before the first file is overwritten.
@@ -99,7 +105,7 @@ async def _export_variant(
         geometry=geometry,
         time_scale=0.0,
         cache_dir=cache_dir,
-        throat_radius_m=throat_radius_m,
+        infiltration_coverage=coverage,
     )
     slices: list[dict[str, Any]] = []
     async for outcome in fixed_schedule(sim, recipe):
@@ -134,7 +140,7 @@ async def _export_variant(
         "seed": seed,
         "geometry": geometry,
         "pt_infiltration": recipe.pt.every_slices > 0,
-        "pt_throat_radius_m": throat_radius_m if recipe.pt.every_slices > 0 else None,
+        "pt_coverage": coverage if recipe.pt.every_slices > 0 else 0.0,
         "imaging": {"voltage_v": img.voltage_v, "current_a": img.current_a, "dwell_s": img.dwell_s},
         "generator": "kintsugi-sim dataset",
         "slices": slices,
@@ -156,8 +162,10 @@ def export_dataset(
     cache_dir: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
     partial: bool = False,
+    imaging: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    recipe = _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=1)
+    """`imaging` overrides recipe imaging settings (dwell_s, voltage_v, current_a) for every variant."""
+    recipe = _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=1, imaging=imaging)
     size = RunSize(
         width_px=width_px,
         height_px=height_px,
@@ -170,7 +178,7 @@ def export_dataset(
         variant_recipe = (
             recipe
             if variant != "without-pt"
-            else _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=0)
+            else _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=0, imaging=imaging)
         )
         manifests[variant] = asyncio.run(
             _export_variant(
@@ -182,7 +190,7 @@ def export_dataset(
                 geometry=geometry,
                 cache_dir=cache_dir,
                 progress=progress,
-                throat_radius_m=PARTIAL_THROAT_RADIUS_M if variant == PARTIAL_VARIANT else 40e-9,
+                coverage=PARTIAL_COVERAGE if variant == PARTIAL_VARIANT else 1.0,
             )
         )
     return manifests

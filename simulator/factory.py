@@ -72,11 +72,14 @@ def make_simulator(
     cache_dir: Path | None = None,
     faults: list[FaultSpec] | None = None,
     progress: Callable[[float], None] | None = None,
-    throat_radius_m: float = 40e-9,
+    infiltration_coverage: float = 1.0,
 ) -> SimulatedDualBeam:
     params = specimen_params(size, preset=preset, seed=seed, geometry=geometry)
     specimen = build_specimen(params, cache_dir=cache_dir or default_cache_dir(), progress=progress)
     settings = SimulatorSettings(
-        time_scale=time_scale, seed=seed, serial=f"SIM-{seed:04d}", throat_radius_m=throat_radius_m
+        time_scale=time_scale,
+        seed=seed,
+        serial=f"SIM-{seed:04d}",
+        infiltration_coverage=infiltration_coverage,
     )
     return SimulatedDualBeam(specimen, settings, faults)

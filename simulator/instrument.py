@@ -12,6 +12,7 @@ import math
 import time
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from kintsugi_daemon import instrument as timing
 from kintsugi_daemon.drivers.base import Aborted as AbortedError
@@ -187,7 +188,7 @@ class SimulatedDualBeam(ImagingVerbs):
                         self.settings.throat_radius_m / self.voxel_m,
                     )
                 )
-                self.pt[fi : fi + mask.shape[0]] |= mask
+                self.pt[fi : fi + mask.shape[0]] |= mask & self._coverage()[None]
             if cut is not None:
                 raise cut
             if done < 1.0:
@@ -200,6 +201,19 @@ class SimulatedDualBeam(ImagingVerbs):
                 infiltration_depth_m=depth_m,
                 cap_thickness_m=self._face.cap_m,
             )
+
+    def _coverage(self) -> np.ndarray:
+        """Where on the face the precursor gets in (all True at full coverage); fixed for the run."""
+        rows, cols = self.specimen.materials.shape[1:]
+        coverage = self.settings.infiltration_coverage
+        if coverage >= 1.0:
+            return np.ones((rows, cols), bool)
+        rng = np.random.default_rng([self.settings.seed, 0x70617274])
+        cell = max(1, round(0.5e-6 / self.voxel_m))
+        coarse = ndi.gaussian_filter(rng.standard_normal((rows // cell + 2, cols // cell + 2)), 3.0)
+        field = np.repeat(np.repeat(coarse, cell, axis=0), cell, axis=1)[:rows, :cols]
+        out: np.ndarray = field >= np.quantile(field, 1.0 - coverage)
+        return out
 
     def _mill_checks(self, verb: str, species: str) -> None:
         self._require_vacuum(verb)

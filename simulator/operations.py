@@ -128,9 +128,12 @@ class SimulatorSettings:
     time_scale: float = 1.0  # real seconds per simulated second; 0 = instant
     seed: int = 0
     serial: str = "SIM-0001"
-    # Pt passes only throats at least twice this wide: 40 nm lets it into nearly every open void; a
-    # larger radius models a partial infiltration (narrow pores and cracks stay empty)
+    # Pt passes only throats at least twice this wide: 40 nm lets it into nearly every open void
     throat_radius_m: float = 40e-9
+    # Share of the face area where the precursor gets in at all: below 1, patches ~2-5 um across (a
+    # smooth random field over the face, fixed for the run) stay empty - uneven precursor supply or pore
+    # mouths sealed by the deposit, i.e. a partial infiltration
+    infiltration_coverage: float = 1.0
 
 
 @dataclass
