@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kintsugi_daemon.config import Recipe
 from kintsugi_daemon.drivers.base import Acquisition
 from kintsugi_daemon.service.storage import RunStorage
+from kintsugi_daemon.states.annotation import LeastConfident
 
 __all__ = ["ActiveRun", "CommandRefused", "Interrupted", "Refused"]
 
@@ -35,3 +36,4 @@ class ActiveRun:
     slice_times: list[float] = field(default_factory=list)
     acquisition: Acquisition | None = None  # the last image, for segmentation
     face_m: float = 0.0
+    least_confident: LeastConfident = field(default_factory=LeastConfident)  # slices to annotate
