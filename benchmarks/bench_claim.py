@@ -25,6 +25,7 @@ from benchmarks.segmentation_common import (
     HELD_OUT_SEED,
     POROSITY,
     THREADS,
+    TRAIN_DEVICE,
     TRAIN_PRESETS,
     Score,
     ensure_dataset,
@@ -107,6 +108,7 @@ def _claim_runs(
                         val_fraction=0.0,
                         seed=seed,
                         threads=THREADS,
+                        device=TRAIN_DEVICE,
                     )
                     train(cfg, log=lambda _msg: None)
                     s = score(load_model(cfg.out, threads=THREADS), held / variant, pore_back)

@@ -28,6 +28,7 @@ from benchmarks.segmentation_common import (
     HELD_OUT_PRESET,
     HELD_OUT_SEED,
     THREADS,
+    TRAIN_DEVICE,
     Images,
     Score,
     ensure_dataset,
@@ -184,6 +185,7 @@ def part_e(model_path: Path, data_dir: Path, quick: bool) -> None:
                 val_fraction=0.0,
                 seed=0,
                 threads=THREADS,
+                device=TRAIN_DEVICE,
             )
             train(cfg, log=lambda _msg: None)
             s = score(load_model(cfg.out, threads=THREADS), target / "with-pt", transform=SHIFTED_GREY)
