@@ -211,7 +211,8 @@ class SimulatedDualBeam(ImagingVerbs):
         rng = np.random.default_rng([self.settings.seed, 0x70617274])
         cell = max(1, round(0.5e-6 / self.voxel_m))
         coarse = ndi.gaussian_filter(rng.standard_normal((rows // cell + 2, cols // cell + 2)), 3.0)
-        field = np.repeat(np.repeat(coarse, cell, axis=0), cell, axis=1)[:rows, :cols]
+        # bilinear up-sampling: smooth patch borders (nearest repetition would draw square pixels)
+        field = ndi.zoom(coarse, (rows / coarse.shape[0], cols / coarse.shape[1]), order=1)[:rows, :cols]
         out: np.ndarray = field >= np.quantile(field, 1.0 - coverage)
         return out
 
