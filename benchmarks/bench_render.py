@@ -35,7 +35,7 @@ from simulator.materials import CANONICAL_CLASSES, Material  # noqa: E402
 TARGET_S = 0.5
 WIDTH, HEIGHT, PIXEL_M = 1536, 1024, 40e-9
 VOXEL_M = 40e-9
-DEPTH_AHEAD = 50  # 2 um of unmilled material behind the face: the pore-back march limit
+DEPTH_AHEAD = 127  # 5 um of unmilled material behind the face: the pore-back reach (+2 planes)
 
 # class -> (DOMAIN.md eta, target SNR at 5 kV / 5 nA / 3 us, or None where DOMAIN.md gives none)
 TARGETS: dict[str, tuple[str, str]] = {
@@ -159,11 +159,14 @@ def main() -> None:
         bare_times.append(time.perf_counter() - t)
     print(f"same frame without Pt (every pore marched): median {float(np.median(bare_times)):.3f} s")
 
-    # per-phase CBS grey and SNR in phase interiors (eroded, so the blur at boundaries does not count)
+    # per-phase CBS grey and shot-noise SNR in phase interiors (eroded, so the blur at boundaries does not
+    # count): SNR = mean signal / rms of (image - noiseless signal), so texture (grains, CBD nanopores,
+    # Pt-C grain) is contrast, not noise
     assert out.signal is not None
     cbs = out.images["cbs"].astype(np.float64)
     setting = cond.detectors[0]
-    _scale, zero = grey_transfer("cbs", setting.brightness, setting.contrast)
+    scale, zero = grey_transfer("cbs", setting.brightness, setting.contrast)
+    clean = out.signal["cbs"].astype(np.float64) * scale + zero
     print(f"\nCBS at 5 kV, 5 nA, 3 us (grey of zero signal: {zero:.0f})")
     print(f"{'class':<15}{'pixels':>9}{'mean grey':>11}{'SNR':>7}   target eta / SNR (DOMAIN.md)")
     means: dict[str, float] = {}
@@ -176,7 +179,8 @@ def main() -> None:
             continue
         vals = cbs[mask]
         means[name] = float(vals.mean())
-        snr = (vals.mean() - zero) / vals.std() if vals.std() > 0 else float("inf")
+        noise = (cbs - clean)[mask].std()
+        snr = (vals.mean() - zero) / noise if noise > 0 else float("inf")
         eta, snr_t = TARGETS[name]
         print(f"{name:<15}{vals.size:>9}{vals.mean():>11.0f}{snr:>7.1f}   {eta} / {snr_t}")
     order = ["pore", "active", "collector", "cbd", "unfilled_pore"]

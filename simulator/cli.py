@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--height-px", type=_positive_int, default=384)
     d.add_argument("--pixel-size-m", type=_positive_float, default=4.05e-8)
     d.add_argument("--cache-dir", type=Path, default=None)
+    d.add_argument(
+        "--partial",
+        action="store_true",
+        help="also write partial-pt/: Pt reaches only half the face area (a partial infiltration)",
+    )
     return p
 
 
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             geometry=args.geometry,
             cache_dir=args.cache_dir,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
+            partial=args.partial,
         )
         for variant, manifest in manifests.items():
             print(

@@ -2,8 +2,11 @@
 
 Both variants run the daemon's fixed schedule (its own requests and imaging) on the same specimen with the
 same random streams, so slice i of `with-pt/` and `without-pt/` show the same plane; only the Pt (and so
-pore contrast) differs. Every file is written atomically and the manifest last, so a folder with a
-`dataset.json` is complete.
+pore contrast) differs. With `partial=True` a third variant `partial-pt/` deposits as `with-pt/` but the
+precursor gets into only PARTIAL_COVERAGE of the face area (patches a few um across stay empty): a
+partial infiltration, filled and empty pores side by side (what a model must see to notice it). Labels
+are the canonical classes; pixels outside the specimen (the Pt cap, vacuum) are 255 (`outside_label`).
+Every file is written atomically and the manifest last, so a folder with a `dataset.json` is complete.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from kintsugi_daemon.drivers.base import Acquisition, DualBeam
 from kintsugi_daemon.service.atomic import write_json_atomic, write_tiff_atomic
 from kintsugi_daemon.states import steps
 from simulator.factory import RunSize, make_simulator
-from simulator.materials import CANONICAL_CLASSES
+from simulator.materials import CANONICAL_CLASSES, OUTSIDE_LABEL
 
-__all__ = ["VARIANTS", "export_dataset"]
+__all__ = ["PARTIAL_COVERAGE", "PARTIAL_VARIANT", "VARIANTS", "export_dataset"]
 
 VARIANTS = ("with-pt", "without-pt")
+PARTIAL_VARIANT = "partial-pt"
+PARTIAL_COVERAGE = 0.5
 # The field of view's milled area: generous, so every FOV fits (it only sets the simulated mill time).
 ROI = {"width_m": 65e-6, "height_m": 55e-6}
 
@@ -55,6 +60,7 @@ def _recipe(
     geometry: Literal["cross_section", "planar"],
     *,
     pt_every: int,
+    imaging: dict[str, float] | None = None,
 ) -> Recipe:
     return Recipe.model_validate(
         {
@@ -66,7 +72,12 @@ def _recipe(
             },
             "roi": ROI,
             "pt": {"every_slices": pt_every},
-            "imaging": {"width_px": width_px, "height_px": height_px, "pixel_size_m": pixel_size_m},
+            "imaging": {
+                "width_px": width_px,
+                "height_px": height_px,
+                "pixel_size_m": pixel_size_m,
+                **(imaging or {}),
+            },
             "segmentation": {"enabled": False},
         }
     )
@@ -82,12 +93,19 @@ async def _export_variant(
     geometry: Literal["cross_section", "planar"],
     cache_dir: Path | None,
     progress: Callable[[str], None],
+    coverage: float = 1.0,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete folder: drop a stale one before the first file is overwritten.
     (out / "dataset.json").unlink(missing_ok=True)
     sim = make_simulator(
-        size, preset=preset, seed=seed, geometry=geometry, time_scale=0.0, cache_dir=cache_dir
+        size,
+        preset=preset,
+        seed=seed,
+        geometry=geometry,
+        time_scale=0.0,
+        cache_dir=cache_dir,
+        infiltration_coverage=coverage,
     )
     slices: list[dict[str, Any]] = []
     async for outcome in fixed_schedule(sim, recipe):
@@ -113,6 +131,7 @@ async def _export_variant(
     manifest = {
         "detectors": list(img.detectors),
         "classes": CANONICAL_CLASSES,
+        "outside_label": OUTSIDE_LABEL,
         "pixel_size_m": img.pixel_size_m,
         "slice_thickness_m": recipe.run.slice_thickness_m,
         "width_px": img.width_px,
@@ -121,6 +140,7 @@ async def _export_variant(
         "seed": seed,
         "geometry": geometry,
         "pt_infiltration": recipe.pt.every_slices > 0,
+        "pt_coverage": coverage if recipe.pt.every_slices > 0 else 0.0,
         "imaging": {"voltage_v": img.voltage_v, "current_a": img.current_a, "dwell_s": img.dwell_s},
         "generator": "kintsugi-sim dataset",
         "slices": slices,
@@ -141,8 +161,11 @@ def export_dataset(
     geometry: Literal["cross_section", "planar"] = "cross_section",
     cache_dir: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    partial: bool = False,
+    imaging: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    recipe = _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=1)
+    """`imaging` overrides recipe imaging settings (dwell_s, voltage_v, current_a) for every variant."""
+    recipe = _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=1, imaging=imaging)
     size = RunSize(
         width_px=width_px,
         height_px=height_px,
@@ -151,11 +174,11 @@ def export_dataset(
         slice_thickness_m=recipe.run.slice_thickness_m,
     )
     manifests = {}
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, PARTIAL_VARIANT) if partial else VARIANTS:
         variant_recipe = (
             recipe
-            if variant == "with-pt"
-            else _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=0)
+            if variant != "without-pt"
+            else _recipe(slices, width_px, height_px, pixel_size_m, geometry, pt_every=0, imaging=imaging)
         )
         manifests[variant] = asyncio.run(
             _export_variant(
@@ -167,6 +190,7 @@ def export_dataset(
                 geometry=geometry,
                 cache_dir=cache_dir,
                 progress=progress,
+                coverage=PARTIAL_COVERAGE if variant == PARTIAL_VARIANT else 1.0,
             )
         )
     return manifests

@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 
 from simulator import detectors as det
 from simulator.materials import Material
+from simulator.pore_back import BEAM_TILT_FROM_NORMAL_DEG
 
 if TYPE_CHECKING:
     from simulator.imaging import FaceView
@@ -92,7 +93,7 @@ def render_edx(
     inside = grid.row_ok[:, None] & grid.col_ok[None, :]
 
     # planes along the beam: (code, pt, weight) per depth sample inside the available depth
-    tilt = math.radians(det.BEAM_TILT_FROM_NORMAL_DEG) if face.geometry == "cross_section" else 0.0
+    tilt = math.radians(BEAM_TILT_FROM_NORMAL_DEG) if face.geometry == "cross_section" else 0.0
     layers: list[tuple[np.ndarray, np.ndarray, float]] = []
     for d in DEPTH_SAMPLES_M:
         d0 = round(d * math.cos(tilt) / face.voxel_size_m)

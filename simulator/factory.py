@@ -11,6 +11,7 @@ from typing import Literal
 from kintsugi_daemon.instrument import SEM_FIB_ANGLE_DEG
 from simulator.faults import FaultSpec
 from simulator.instrument import SimulatedDualBeam, SimulatorSettings
+from simulator.operations import depth_ahead_vox
 from simulator.specimen import PRESETS, SpecimenParams, build_specimen, default_cache_dir
 
 __all__ = ["RunSize", "make_simulator", "specimen_params"]
@@ -54,7 +55,8 @@ def specimen_params(
     if geometry == "cross_section":
         rows_m /= math.sin(math.radians(SEM_FIB_ANGLE_DEG))  # the face is seen foreshortened
     rows = vox(rows_m) + MARGIN_VOX
-    slices = vox(size.slices * size.slice_thickness_m * 1.2) + MARGIN_VOX  # 1.2: thickness scatter
+    # The run (1.2: thickness scatter) plus what the beam sees behind the last face (pore-back reach).
+    slices = vox(size.slices * size.slice_thickness_m * 1.2) + depth_ahead_vox(v) + MARGIN_VOX
     return SpecimenParams(
         preset=preset, seed=seed, shape=(slices, rows, cols), voxel_size_m=v, geometry=geometry
     )
@@ -70,8 +72,14 @@ def make_simulator(
     cache_dir: Path | None = None,
     faults: list[FaultSpec] | None = None,
     progress: Callable[[float], None] | None = None,
+    infiltration_coverage: float = 1.0,
 ) -> SimulatedDualBeam:
     params = specimen_params(size, preset=preset, seed=seed, geometry=geometry)
     specimen = build_specimen(params, cache_dir=cache_dir or default_cache_dir(), progress=progress)
-    settings = SimulatorSettings(time_scale=time_scale, seed=seed, serial=f"SIM-{seed:04d}")
+    settings = SimulatorSettings(
+        time_scale=time_scale,
+        seed=seed,
+        serial=f"SIM-{seed:04d}",
+        infiltration_coverage=infiltration_coverage,
+    )
     return SimulatedDualBeam(specimen, settings, faults)

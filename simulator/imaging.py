@@ -1,9 +1,13 @@
 """SEM image formation of the simulated Helios Hydra: CBS, TLD, ETD and ICE images of the milled face.
 
 The face is sampled with the image grid (nearest voxel, foreshortened by sin 52 deg in cross-section),
-then per detector: a yield lookup, pore-back through unfilled voids, blur (probe, defocus, astigmatism,
-sub-surface), SE edge brightening and charging, curtaining, shot noise and the 16-bit grey transfer.
-Numbers and their sources: DOMAIN.md "Image formation per detector".
+then per detector: a yield lookup (backscatter by the tilt law at the face's 38 deg incidence), material
+textures (`simulator.textures`), pore-back through unfilled voids (`simulator.pore_back`), blur (probe,
+defocus, astigmatism, sub-surface), SE edge brightening and charging, curtaining, shot noise and the
+16-bit grey transfer. Above the specimen's top surface a cross-section shows the protective Pt cap (its
+thickness from the deposits so far) and vacuum above that; both are labelled 255 (outside), as is any
+pixel past the volume's edge. The field of view starts CAP_VIEW_M above the top surface so the cap is in
+view, as on the instrument. Numbers and their sources: DOMAIN.md "Image formation per detector".
 
 Grey transfer (like the microscope's contrast/brightness knobs, both 0..1):
     s_n  = signal / SIGNAL_REF[detector]          (full scale of a detector ~1)
@@ -22,11 +26,14 @@ from typing import Literal
 import numpy as np
 
 from simulator import detectors as det
+from simulator import pore_back as pb
 from simulator.curtaining import curtain_map
 from simulator.edx import render_edx
 from simulator.materials import BACKSCATTER_YIELD, Material, canonical_labels
+from simulator.textures import PlaneTexture
 
 __all__ = [
+    "CAP_VIEW_M",
     "SIGNAL_REF",
     "DetectorName",
     "DetectorSetting",
@@ -54,6 +61,14 @@ POISSON_BELOW = 20.0  # detected counts under which the Gaussian approximation o
 SE_EDGE_GAIN = 2.0
 SE_PORE_BACK_LAMBDA_M = 1.5e-6  # SEs from a pore's back wall escape the hole less well than BSEs
 ION_PORE_BACK_LAMBDA_M = 1.0e-6
+CAP_VIEW_M = 0.5e-6  # the field of view starts this far above the top surface (cross-section)
+# Texture contrasts per detector: (NMC grain orientation +-, CBD nanopore darkening, Pt texture exponent).
+TEXTURE_CONTRAST: dict[str, tuple[float, float, float]] = {
+    "cbs": (0.07, 0.45, 1.0),
+    "tld": (0.02, 0.25, 0.5),
+    "etd": (0.02, 0.25, 0.5),
+    "ice": (0.45, 0.3, 0.5),
+}
 SE_CHARGING_GAIN = 0.4
 BSE_CHARGING_GAIN = 0.03
 
@@ -70,6 +85,9 @@ class FaceView:
     voxel_size_m: float
     geometry: Literal["cross_section", "planar"]
     pt_source: Literal["electron", "ion"] = "electron"  # Pt-C eta 0.39 vs 0.44
+    z_m: float = 0.0  # depth of the face along the mill axis (textures are fixed in the specimen)
+    cap_m: float = 0.0  # protective Pt cap on the top surface, shown above row 0 in cross-section
+    texture_seed: int = 0
 
     @property
     def pt_eta(self) -> float:
@@ -152,11 +170,20 @@ class _Scene:
             cond.width_px,
         )
         self.codes = self.grid.take(face.materials[0], int(Material.VACUUM))
+        if face.geometry == "cross_section" and face.cap_m > 0:
+            cap_rows = (self.grid.y_m < 0) & (self.grid.y_m >= -face.cap_m)
+            self.codes[np.ix_(cap_rows, self.grid.col_ok)] = np.uint8(Material.PT_CAP)
         self.pt = self.grid.take(face.pt[0], False)
         self.void = det.VOID_LUT.take(self.codes) & ~self.pt
-        self._pore_back: det.PoreBack | None = None
+        self.eta_lut = det.eta_face_lut(face.geometry)
+        self.texture = PlaneTexture(face.z_m, self.grid.y_m, self.grid.x_m, face.texture_seed)
+        self._pore_back: pb.PoreBack | None = None
+        self._opening: np.ndarray | None = None
         self._edges: np.ndarray | None = None
         self._conductivity: np.ndarray | None = None
+        self._textures: (
+            tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
+        ) = None
 
         pixel = cond.pixel_size_m
         alpha = det.CONVERGENCE_SEMI_ANGLE_RAD
@@ -173,24 +200,71 @@ class _Scene:
     def labels(self) -> np.ndarray:
         return canonical_labels(self.codes, self.pt)
 
-    def pore_back(self) -> det.PoreBack:
+    def pore_back(self) -> pb.PoreBack:
         if self._pore_back is None:
             void = self.void
             if not self.grid.all_inside:
                 void = void & self.grid.row_ok[:, None] & self.grid.col_ok[None, :]
-            pixels = np.flatnonzero(void)
-            self._pore_back = det.pore_back(
+            self._pore_back = pb.march(
                 self.face.materials,
                 self.face.pt,
-                self.grid,
-                pixels,
+                det.SOLID_LUT,
+                self.grid.rows,
+                self.grid.cols,
+                np.flatnonzero(void),
                 self.face.voxel_size_m,
                 self.face.geometry,
             )
         return self._pore_back
 
+    def opening(self) -> np.ndarray:
+        """Opening radius (m) of the pore each hit pixel looks through."""
+        if self._opening is None:
+            radius = pb.opening_radius(self.void, self.cond.pixel_size_m, self.y_scale)
+            self._opening = radius.reshape(-1).take(self.pore_back().pixels)
+        return self._opening
+
+    def back_wall(self, kind: str, lut: np.ndarray, pt_value: float, se_lambda_m: float | None) -> np.ndarray:
+        """Signal from the back walls of unfilled pores (module `simulator.pore_back`): `kind` "bse"
+        applies the tilt law to normal-incidence yields, "se" the secant law to face-geometry yields."""
+        hits = self.pore_back()
+        if hits.pixels.size == 0:
+            return np.zeros(self.shape, np.float32)
+        if kind == "bse":
+            eta0 = np.where(hits.is_pt, np.float32(pt_value), lut.take(hits.codes))
+            value = pb.tilt_law(eta0, hits.cos_incidence)
+        else:
+            base = np.where(hits.is_pt, np.float32(pt_value), lut.take(hits.codes))
+            face_cos = np.float32(det.FACE_COS[self.face.geometry])
+            value = base * np.minimum(face_cos / hits.cos_incidence, np.float32(pb.MAX_SE_GAIN))
+        value = value * hits.collection(self.opening())
+        if se_lambda_m is not None:
+            value = value * np.exp(-hits.distance_m / np.float32(se_lambda_m))
+        return pb.spot_blur(value.astype(np.float32), hits, self.shape, self.cond.pixel_size_m)
+
+    def textures(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(NMC mask, grain values, CBD mask, nanopore share, Pt mask, Pt factor), shared by detectors."""
+        if self._textures is None:
+            nmc = self.codes == Material.NMC
+            cbd = (self.codes == Material.CBD) | (self.codes == Material.CBD_CRACK)
+            pt = self.pt | (self.codes == Material.PT_CAP)
+            tex = self.texture
+            grains = tex.grains(1) if nmc.any() else np.zeros(self.shape, np.float32)
+            pores = tex.cbd_pores() if cbd.any() else np.zeros(self.shape, np.float32)
+            ptf = tex.pt() if pt.any() else np.ones(self.shape, np.float32)
+            self._textures = (nmc, grains, cbd, pores, pt, ptf)
+        return self._textures
+
+    def textured(self, img: np.ndarray, detector: str) -> np.ndarray:
+        nmc, grains, cbd, pores, pt, ptf = self.textures()
+        grain_c, pore_c, pt_exp = TEXTURE_CONTRAST[detector]
+        img[nmc] *= np.float32(1.0) + np.float32(grain_c) * grains[nmc]
+        img[cbd] *= np.float32(1.0) - np.float32(pore_c) * pores[cbd]
+        img[pt] *= ptf[pt] ** np.float32(pt_exp)
+        return img
+
     def yield_image(self, lut: np.ndarray, pt_value: float) -> np.ndarray:
-        img = lut.take(self.codes)
+        img: np.ndarray = lut.take(self.codes)
         img[self.pt] = pt_value
         return img
 
@@ -226,48 +300,29 @@ class _Scene:
 def _detector_signal(scene: _Scene, name: str) -> np.ndarray:
     """Noiseless signal of one detector (before curtaining)."""
     face, cond = scene.face, scene.cond
-    pixel = cond.pixel_size_m
     has_void = bool(scene.void.any())
     if name == "cbs":
-        img = scene.yield_image(det.ETA_LUT, face.pt_eta)
+        pt_face = float(pb.tilt_law(face.pt_eta, det.FACE_COS[face.geometry]))
+        img = scene.textured(scene.yield_image(scene.eta_lut, pt_face), name)
         if has_void:
-            img += det.pore_back_image(
-                scene.pore_back(), scene.shape, det.ETA_LUT, face.pt_eta, det.PORE_BACK_LAMBDA_M, pixel
-            )
+            img += scene.back_wall("bse", det.ETA0_LUT, face.pt_eta, None)
         out = det.blur(img, scene.sigma_rc, scene.subsurface_halo_px(), det.SUBSURFACE_FRACTION)
         if cond.charging > 0:
             out = out + det.charging_field(scene.conductivity(), BSE_CHARGING_GAIN * cond.charging)
         return out
     if name in ("tld", "etd"):
-        img = scene.yield_image(det.SE_YIELD_LUT, det.SE_YIELD_PT)
+        img = scene.textured(scene.yield_image(det.SE_YIELD_LUT, det.SE_YIELD_PT), name)
         if has_void:
-            img += det.pore_back_image(
-                scene.pore_back(),
-                scene.shape,
-                det.SE_YIELD_LUT,
-                det.SE_YIELD_PT,
-                SE_PORE_BACK_LAMBDA_M,
-                pixel,
-            )
+            img += scene.back_wall("se", det.SE_YIELD_LUT, det.SE_YIELD_PT, SE_PORE_BACK_LAMBDA_M)
         out = det.blur(img, scene.sigma_rc)
         out += np.float32(SE_EDGE_GAIN) * scene.edges()
         if cond.charging > 0:
             out += det.charging_field(scene.conductivity(), SE_CHARGING_GAIN * cond.charging)
         return out
     if name == "ice":
-        img = scene.yield_image(det.ION_YIELD_LUT, det.ION_YIELD_PT)
-        nmc = scene.codes == Material.NMC
-        grains = det.grain_field(scene.grid.rows, scene.grid.cols, face.voxel_size_m)
-        img[nmc] *= grains[nmc]
+        img = scene.textured(scene.yield_image(det.ION_YIELD_LUT, det.ION_YIELD_PT), name)
         if has_void:
-            img += det.pore_back_image(
-                scene.pore_back(),
-                scene.shape,
-                det.ION_YIELD_LUT,
-                det.ION_YIELD_PT,
-                ION_PORE_BACK_LAMBDA_M,
-                pixel,
-            )
+            img += scene.back_wall("se", det.ION_YIELD_LUT, det.ION_YIELD_PT, ION_PORE_BACK_LAMBDA_M)
         out = det.blur(img, scene.sigma_rc)
         out += np.float32(0.5 * SE_EDGE_GAIN) * scene.edges()
         return out

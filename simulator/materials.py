@@ -15,6 +15,7 @@ __all__ = [
     "BACKSCATTER_YIELD",
     "CANONICAL_CLASSES",
     "ELECTRON_RANGE_5KV_M",
+    "OUTSIDE_LABEL",
     "Material",
     "canonical_labels",
 ]
@@ -28,10 +29,13 @@ class Material(IntEnum):
     AL = 4  # current collector
     CRACK = 5  # empty intergranular crack inside an NMC particle
     CBD_CRACK = 6  # crack inside a particle filled with CBD
+    PT_CAP = 7  # the protective Pt-C cap above the top surface: rendered into images, never in the volume
 
 
 # Canonical class values shared by labels, model metadata and metrics (DESIGN.md).
 CANONICAL_CLASSES: dict[str, int] = {"pore": 0, "unfilled_pore": 1, "active": 2, "cbd": 3, "collector": 4}
+# Pixels that are not specimen (vacuum above it or past its edge, the Pt cap on top): never a class.
+OUTSIDE_LABEL = 255
 
 # Backscatter yield eta at 5 kV (DOMAIN.md, Reuter fit, mass-averaged).
 BACKSCATTER_YIELD: dict[Material | str, float] = {
@@ -42,6 +46,7 @@ BACKSCATTER_YIELD: dict[Material | str, float] = {
     Material.AL: 0.15,
     Material.CRACK: 0.0,
     Material.CBD_CRACK: 0.08,
+    Material.PT_CAP: 0.39,
     "pt_electron": 0.39,  # Pt-C deposited with the electron beam
     "pt_ion": 0.44,  # Pt-C deposited with the ion beam
 }
@@ -52,6 +57,7 @@ ELECTRON_RANGE_5KV_M: dict[Material | str, float] = {
     Material.CBD: 535e-9,
     Material.CBD_CRACK: 535e-9,
     Material.AL: 415e-9,
+    Material.PT_CAP: 240e-9,
     "pt": 240e-9,
 }
 
@@ -59,13 +65,14 @@ _UNFILLED = CANONICAL_CLASSES["unfilled_pore"]
 # material code -> canonical class for voxels without Pt
 _CLASS_OF_MATERIAL = np.array(
     [
-        _UNFILLED,  # VACUUM: no material, reads as an empty pore
+        OUTSIDE_LABEL,  # VACUUM: not specimen
         _UNFILLED,  # PORE
         CANONICAL_CLASSES["active"],  # NMC
         CANONICAL_CLASSES["cbd"],  # CBD
         CANONICAL_CLASSES["collector"],  # AL
         _UNFILLED,  # CRACK
         CANONICAL_CLASSES["cbd"],  # CBD_CRACK
+        OUTSIDE_LABEL,  # PT_CAP: on top of the specimen, not part of it
     ],
     dtype=np.uint8,
 )

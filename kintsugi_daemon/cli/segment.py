@@ -24,6 +24,7 @@ import tifffile
 
 from kintsugi_daemon.inference.contract import (
     CANONICAL_CLASSES,
+    OUTSIDE_LABEL,
     SHIPPED_MODEL,
     SegmentationModel,
     check_against_recipe,
@@ -71,9 +72,10 @@ class _Totals:
             acc[0] += i
             acc[1] += u
         pores = [v for n, v in classes.items() if n in ("pore", "unfilled_pore")]
-        self.pred_pores += int(np.isin(pred, pores).sum())
+        inside = truth != OUTSIDE_LABEL  # the Pt cap and vacuum are no phase: fractions are of the specimen
+        self.pred_pores += int((np.isin(pred, pores) & inside).sum())
         self.true_pores += int(np.isin(truth, pores).sum())
-        self.pixels += pred.size
+        self.pixels += int(inside.sum())
 
 
 def _parse_image(spec: str) -> tuple[str, Path]:
@@ -211,7 +213,8 @@ def run_segment(
             miou = mean_iou(ious)
             record["iou"] = ious
             record["mean_iou"] = miou
-            fr_p, fr_t = phase_fractions(labels, classes), phase_fractions(truth, classes)
+            specimen = np.where(truth == OUTSIDE_LABEL, np.uint8(OUTSIDE_LABEL), labels)
+            fr_p, fr_t = phase_fractions(specimen, classes), phase_fractions(truth, classes)
             record["porosity_error"] = sum(
                 fr_p.get(k, 0.0) - fr_t.get(k, 0.0) for k in ("pore", "unfilled_pore")
             )

@@ -23,7 +23,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "`kintsugi-sim dataset --out D` then D/with-pt) and export an ONNX model with the kintsugi "
         "metadata. Needs the train extra: pip install -e '.[train]'.",
     )
-    t.add_argument("data", nargs="+", type=Path, metavar="DATA", help="dataset folder(s) with dataset.json")
+    t.add_argument(
+        "data",
+        nargs="+",
+        type=Path,
+        metavar="DATA",
+        help="dataset folder(s) with dataset.json, or annotation folder(s) with annotations.toml "
+        "(Avizo / napari / Fiji / ilastik label TIFFs and a label-value -> class mapping)",
+    )
     t.add_argument("--out", type=Path, required=True, help="output ONNX file")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument(
@@ -42,6 +49,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--quantise",
         action="store_true",
         help="int8 static quantisation, kept only if the mean IoU drops by < 0.01",
+    )
+    t.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="fine-tune this exported kintsugi U-Net ('builtin': the shipped model) instead of training "
+        "from scratch; keeps its architecture and normalisation",
+    )
+    t.add_argument(
+        "--mapping",
+        type=Path,
+        default=None,
+        help="annotations.toml to use for annotation folders that do not hold their own",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
@@ -73,6 +93,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     t.add_argument("--time-limit-s", type=float, default=None, help="stop after the epoch that passes it")
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--device", default="cpu", help="torch device for training steps, e.g. cuda")
     t.add_argument("--opset", type=int, default=14)
     t.add_argument(
         "--tile",
@@ -86,7 +107,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _main(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx") is None:
         raise RuntimeError(f"`kintsugi train` needs torch and onnx; {TRAIN_EXTRA_HINT}")
+    from kintsugi_daemon.inference.contract import SHIPPED_MODEL
     from kintsugi_daemon.inference.training import TrainConfig, train
+
+    init = None if args.init is None else SHIPPED_MODEL if args.init == "builtin" else Path(args.init)
 
     cfg = TrainConfig(
         data=list(args.data),
@@ -103,6 +127,8 @@ def _main(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         max_slices_per_folder=args.max_slices_per_folder,
         checkpoint=args.checkpoint,
+        init=init,
+        mapping=args.mapping,
         quantise=args.quantise,
         logdir=args.logdir,
         threads=args.threads,
@@ -110,6 +136,7 @@ def _main(args: argparse.Namespace) -> int:
         tile=args.tile,
         rare_class_fraction=args.rare_class_fraction,
         time_limit_s=args.time_limit_s,
+        device=args.device,
     )
     result = train(cfg)
     ious = "  ".join(f"{k} {v:.3f}" for k, v in result.val_iou.items() if v is not None)

@@ -25,6 +25,7 @@ from kintsugi_daemon.inference.session import create_session
 __all__ = [
     "CANONICAL_CLASSES",
     "METADATA_PREFIX",
+    "OUTSIDE_LABEL",
     "SHIPPED_MODEL",
     "ModelError",
     "ModelLoadError",
@@ -33,11 +34,15 @@ __all__ = [
     "Normalisation",
     "SegmentationModel",
     "check_against_recipe",
+    "decode_metadata",
     "load_model",
 ]
 
 # DESIGN.md's canonical class names and label values (the daemon never imports the simulator's copy).
 CANONICAL_CLASSES: dict[str, int] = {"pore": 0, "unfilled_pore": 1, "active": 2, "cbd": 3, "collector": 4}
+# Pixels outside the specimen (above its surface, past its edge): never a material class; training and
+# metrics ignore them (DESIGN.md).
+OUTSIDE_LABEL = 255
 METADATA_PREFIX = "kintsugi."
 # The model the daemon and `kintsugi segment` use unless told otherwise (recipe `model = "builtin"`).
 SHIPPED_MODEL = Path(__file__).parent / "models" / "kintsugi-unet.onnx"
@@ -162,19 +167,24 @@ class SegmentationModel:
         return out
 
 
-def _read_metadata(path: Path, session: ort.InferenceSession) -> dict[str, Any]:
-    props = session.get_modelmeta().custom_metadata_map
-    known = set(ModelSpec.model_fields)
+def decode_metadata(path: Path, props: Mapping[str, str]) -> dict[str, Any]:
+    """Every `kintsugi.*` prop JSON-decoded, keyed without the prefix (other tools' props are skipped)."""
     fields: dict[str, Any] = {}
     for key, raw in props.items():
-        name = key.removeprefix(METADATA_PREFIX)
-        if not key.startswith(METADATA_PREFIX) or name not in known:
-            continue  # other tools' props, and newer contract fields this version ignores
+        if not key.startswith(METADATA_PREFIX):
+            continue
         try:
-            fields[name] = json.loads(raw)
+            fields[key.removeprefix(METADATA_PREFIX)] = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ModelLoadError(f"{path}: metadata {key} is not valid JSON ({exc}): {raw[:80]!r}") from exc
     return fields
+
+
+def _read_metadata(path: Path, session: ort.InferenceSession) -> dict[str, Any]:
+    known = set(ModelSpec.model_fields)
+    decoded = decode_metadata(path, session.get_modelmeta().custom_metadata_map)
+    # newer contract fields (and extras such as the architecture) are not part of the spec
+    return {k: v for k, v in decoded.items() if k in known}
 
 
 def _merge(fields: dict[str, Any], override: ModelSpec | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from scipy import ndimage as ndi
 
-from kintsugi_daemon.inference.contract import CANONICAL_CLASSES
+from kintsugi_daemon.inference.contract import CANONICAL_CLASSES, OUTSIDE_LABEL
 
 __all__ = [
     "MEAN_IOU_CLASSES",
@@ -53,12 +53,16 @@ def _values(classes: ClassSpec) -> dict[str, int]:
 
 
 def iou_counts(pred: np.ndarray, truth: np.ndarray, classes: ClassSpec) -> dict[str, tuple[int, int]]:
-    """(intersection, union) pixel counts per class; sum them over slices for a dataset-wide IoU."""
+    """(intersection, union) pixel counts per class; sum them over slices for a dataset-wide IoU.
+
+    Pixels whose truth is OUTSIDE_LABEL (255: not specimen) count for no class, whatever was predicted.
+    """
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
+    inside = truth != OUTSIDE_LABEL
     out: dict[str, tuple[int, int]] = {}
     for name, value in _values(classes).items():
-        p, t = pred == value, truth == value
+        p, t = (pred == value) & inside, truth == value
         out[name] = (int(np.count_nonzero(p & t)), int(np.count_nonzero(p | t)))
     return out
 
@@ -78,7 +82,7 @@ def mean_iou(ious: Mapping[str, float | None], over: Sequence[str] = MEAN_IOU_CL
 
 
 def phase_fractions(labels: np.ndarray, classes: ClassSpec = CANONICAL_CLASSES) -> dict[str, float]:
-    total = max(1, labels.size)
+    total = max(1, int(np.count_nonzero(labels != OUTSIDE_LABEL)))  # a truth image's outside is no phase
     return {n: np.count_nonzero(labels == v) / total for n, v in _values(classes).items()}
 
 

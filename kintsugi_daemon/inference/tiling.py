@@ -15,14 +15,29 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from kintsugi_daemon.inference.contract import CANONICAL_CLASSES, ModelMismatch, SegmentationModel
+from kintsugi_daemon.inference.contract import (
+    CANONICAL_CLASSES,
+    ModelMismatch,
+    ModelSpec,
+    Normalisation,
+)
 
-__all__ = ["DEFAULT_BATCH", "Segmentation", "normalise", "segment", "segment_async"]
+__all__ = [
+    "DEFAULT_BATCH",
+    "Segmentation",
+    "TiledModel",
+    "normalise",
+    "segment",
+    "segment_array",
+    "segment_async",
+    "standardise",
+]
 
 DEFAULT_BATCH = 4  # tiles per run call: amortises call overhead, keeps activations to tens of MB
 
@@ -36,7 +51,31 @@ class Segmentation:
     probabilities: np.ndarray | None  # float32 [K, H, W] when asked for (large: K x the image)
 
 
-def normalise(model: SegmentationModel, images: Mapping[str, np.ndarray]) -> np.ndarray:
+class TiledModel(Protocol):
+    """What the tiler needs of a model: the contract, its tile geometry and a batch runner. An onnxruntime
+    `SegmentationModel` is one; training wraps its eager PyTorch network in another, so validation
+    predicts exactly as the daemon does."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+    @property
+    def tile_hw(self) -> tuple[int, int]: ...
+    @property
+    def fixed_shape(self) -> bool: ...
+    @property
+    def max_batch(self) -> int | None: ...
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def standardise(x: np.ndarray, normalisation: Sequence[Normalisation]) -> np.ndarray:
+    """In place: (grey / 65535 - mean) / std per channel of a float32 [C, H, W] array already in [0, 1]."""
+    for c, norm in enumerate(normalisation):
+        x[c] -= np.float32(norm.mean)
+        x[c] /= np.float32(norm.std)
+    return x
+
+
+def normalise(model: TiledModel, images: Mapping[str, np.ndarray]) -> np.ndarray:
     """The model's input channels [C, H, W] float32, picked from `images` by detector name."""
     by_name = {k.casefold(): v for k, v in images.items()}
     missing = [c for c in model.spec.channels if c.casefold() not in by_name]
@@ -49,11 +88,9 @@ def normalise(model: SegmentationModel, images: Mapping[str, np.ndarray]) -> np.
     if len(shapes) != 1 or planes[0].ndim != 2 or 0 in planes[0].shape:
         raise ValueError(f"detector images must be 2-D, non-empty and of one shape, got {sorted(shapes)}")
     x = np.empty((len(planes), *planes[0].shape), np.float32)
-    for c, (plane, norm) in enumerate(zip(planes, model.spec.normalisation, strict=True)):
+    for c, plane in enumerate(planes):
         np.multiply(plane, np.float32(1 / 65535), out=x[c], casting="unsafe")
-        x[c] -= np.float32(norm.mean)
-        x[c] /= np.float32(norm.std)
-    return x
+    return standardise(x, model.spec.normalisation)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -103,7 +140,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def segment(
-    model: SegmentationModel,
+    model: TiledModel,
     images: Mapping[str, np.ndarray],
     *,
     batch_size: int = DEFAULT_BATCH,
@@ -113,7 +150,19 @@ def segment(
 
     Synchronous and CPU-bound: the daemon calls `segment_async`, which runs it in a worker thread.
     """
-    x = normalise(model, images)
+    return segment_array(
+        model, normalise(model, images), batch_size=batch_size, keep_probabilities=keep_probabilities
+    )
+
+
+def segment_array(
+    model: TiledModel,
+    x: np.ndarray,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    keep_probabilities: bool = False,
+) -> Segmentation:
+    """Segment a normalised float32 [C, H, W] input (the model's channels in order)."""
     spec = model.spec
     _, h, w = x.shape
     halo = spec.effective_halo
@@ -157,7 +206,7 @@ def segment(
 
 
 async def segment_async(
-    model: SegmentationModel,
+    model: TiledModel,
     images: Mapping[str, np.ndarray],
     *,
     batch_size: int = DEFAULT_BATCH,

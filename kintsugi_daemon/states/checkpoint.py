@@ -98,6 +98,7 @@ def manifest(run: ActiveRun, how: str | None) -> dict[str, Any]:
         "detectors": list(run.recipe.imaging.detectors),
         "started": run.started,
         "updated": time.time(),
+        "annotation_wanted": run.least_confident.slices(),
     }
 
 

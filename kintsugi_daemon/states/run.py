@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kintsugi_daemon.config import Recipe
 from kintsugi_daemon.drivers.base import Acquisition
 from kintsugi_daemon.service.storage import RunStorage
+from kintsugi_daemon.states.annotation import LeastConfident
 
 __all__ = ["ActiveRun", "CommandRefused", "Interrupted", "Refused"]
 
@@ -39,6 +40,7 @@ class ActiveRun:
     slice_interrupted: bool = False  # paused, suspended or faulted since the slice began
     acquisition: Acquisition | None = None  # the last image, for segmentation
     face_m: float = 0.0
+    least_confident: LeastConfident = field(default_factory=LeastConfident)  # slices to annotate
 
     def record_period(self, period_s: float) -> None:
         """A finished slice's period, for the ETA, unless waiting for an operator or a guard was in it."""

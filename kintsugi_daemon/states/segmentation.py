@@ -146,16 +146,16 @@ class SegmentationPipeline:
             return
         finally:
             self._running.pop(index, None)
+        events = [
+            EventDraft(
+                "segmented", {"slice": index, "inference_s": round(infer_s, 3), **numeric}, run_id=run.run_id
+            )
+        ]
+        wanted = run.least_confident.offer(index, numeric.get("confidence_mean_max_probability"))
+        if wanted is not None:
+            events.append(EventDraft("annotation_wanted", wanted, run_id=run.run_id))
         self._journal.complete_step(
-            step_id,
-            {"files": files, "inference_s": round(infer_s, 3)},
-            events=[
-                EventDraft(
-                    "segmented",
-                    {"slice": index, "inference_s": round(infer_s, 3), **numeric},
-                    run_id=run.run_id,
-                )
-            ],
+            step_id, {"files": files, "inference_s": round(infer_s, 3)}, events=events
         )
         products = {"segmentation" if k == "record" else k: v for k, v in files.items()}
         self._products.segmented(run, index, numeric, products)

@@ -4,6 +4,7 @@ an abort and a fault produce (collected, then compared as lists, bluesky-style),
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,6 +311,12 @@ async def test_segmentation_runs_beside_the_instrument(harness: Harness, tmp_pat
     assert 0.0 < segmented[-1].data["porosity"] < 1.0
     assert harness.controller.last_metrics["slice"] == 2
     assert all(r.ok for r in harness.journal.steps(reply["run_id"]) if r.step == "segment")
+    # With fewer slices than the list holds, every slice is wanted for annotation, least confident first.
+    wanted = [e for e in harness.journal.pending_events(1000) if e.type == "annotation_wanted"]
+    assert sorted(e.data["slice"] for e in wanted) == [0, 1, 2]
+    listed = json.loads((run_dir / "run.json").read_text())["annotation_wanted"]
+    confidence = {e.data["slice"]: e.data["confidence_mean_max_probability"] for e in segmented}
+    assert [x["slice"] for x in listed] == sorted(confidence, key=lambda i: (round(confidence[i], 4), i))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import tifffile
 
 from kintsugi_daemon.demo.broker import LocalBroker
 from kintsugi_daemon.inference.contract import SHIPPED_MODEL
-from simulator.materials import CANONICAL_CLASSES
+from simulator.materials import CANONICAL_CLASSES, OUTSIDE_LABEL
 
 
 def run(
@@ -64,7 +64,9 @@ def test_dataset_export_contract(tmp_path: Path, sim_cache: Path) -> None:
                 image = tifffile.imread(out / variant / name)
                 assert image.dtype == np.uint16 and image.shape == (128, 160)
             labels = tifffile.imread(out / variant / s["labels"])
-            assert labels.shape == (128, 160) and set(np.unique(labels)) <= set(CANONICAL_CLASSES.values())
+            assert labels.shape == (128, 160)
+            assert set(np.unique(labels)) <= {*CANONICAL_CLASSES.values(), OUTSIDE_LABEL}
+            assert np.all(labels[:5] == OUTSIDE_LABEL)  # the Pt cap at the top of the frame is no class
             pore_pixels[variant] += int((labels == CANONICAL_CLASSES["pore"]).sum())
     # Same planes in both variants; only the Pt-filled pores differ.
     positions = [[s["face_position_m"] for s in m["slices"]] for m in manifests.values()]

@@ -232,7 +232,7 @@ async def test_safe_state_during_deposit_switches_the_heater_off(
 async def test_thread_work_keeps_the_instrument_busy(
     make_sim: Callable[[float], SimulatedDualBeam], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import simulator.instrument as instrument_mod
+    import simulator.imaging_verbs as instrument_mod
 
     real_render = instrument_mod.render  # type: ignore[attr-defined]
 

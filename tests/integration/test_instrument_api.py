@@ -24,7 +24,7 @@ from kintsugi_daemon.drivers.base import (
 )
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.drivers.tiff_wire import decode_channels
-from simulator.materials import CANONICAL_CLASSES
+from simulator.materials import CANONICAL_CLASSES, OUTSIDE_LABEL
 from tests.support.simulator import auth
 
 AREA = Rectangle(center_x_m=0.0, center_y_m=0.0, width_m=12e-6, height_m=10e-6)
@@ -99,7 +99,7 @@ async def test_full_cycle_round_trip(scope: HttpDualBeam, sim: SimulatorProcess)
 
     labels = await ground_truth(sim)
     assert labels.shape == (192, 256)
-    assert set(np.unique(labels)) <= set(CANONICAL_CLASSES.values())
+    assert set(np.unique(labels)) <= {*CANONICAL_CLASSES.values(), OUTSIDE_LABEL}
     assert (labels == CANONICAL_CLASSES["pore"]).any()  # Pt reached the pores behind the old face
     assert (labels == CANONICAL_CLASSES["active"]).any()
     # Ground truth is aligned with the image: Pt-filled pores are the brightest CBS phase.

@@ -20,8 +20,9 @@ from kintsugi_daemon.drivers.base import (
     Rectangle,
 )
 from simulator.factory import RunSize, make_simulator, specimen_params
+from simulator.imaging import CAP_VIEW_M
 from simulator.instrument import SimulatedDualBeam
-from simulator.materials import CANONICAL_CLASSES, canonical_labels
+from simulator.materials import CANONICAL_CLASSES, OUTSIDE_LABEL, canonical_labels
 
 AREA = Rectangle(center_x_m=0.0, center_y_m=0.0, width_m=10e-6, height_m=8e-6)
 SIZE = RunSize(width_px=192, height_px=128, slices=8)
@@ -52,12 +53,17 @@ async def test_labels_follow_the_face_geometry(geometry: str, sim_cache: Path) -
     assert sim.last_labels is not None
     face = sim.specimen.materials[sim.face_index]
     rows = np.arange(128) * (1 / math.sin(math.radians(52)) if geometry == "cross_section" else 1.0)
-    expected = canonical_labels(face[np.floor(rows).astype(int)][:, :192], None)
+    if geometry == "cross_section":
+        rows -= CAP_VIEW_M / 40e-9  # the frame starts above the top surface: the Pt cap is in view
+    idx = np.floor(rows).astype(int)
+    expected = canonical_labels(face[np.clip(idx, 0, None)][:, :192], None)
+    expected[idx < 0] = OUTSIDE_LABEL  # cap and vacuum above the specimen are not a material class
     agreement = float((sim.last_labels == expected).mean())
     assert agreement > 0.9  # drift moves the field by well under a pixel on a fresh instrument
     if geometry == "cross_section":
         # Foreshortening: the ground truth reaches further down the face than the pixel rows alone would.
         plain = canonical_labels(face[:128, :192], None)
+        assert np.all(sim.last_labels[: int(np.count_nonzero(idx < -1))] == OUTSIDE_LABEL)
         assert agreement > float((sim.last_labels == plain).mean())
 
 

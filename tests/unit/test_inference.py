@@ -488,8 +488,8 @@ def test_overlay_preview(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ kintsugi segment
 
-# CBS grey / 65535 per class on the simulator's default detectors (mean over a slice).
-CBS_CENTRES = {"pore": 0.77, "unfilled_pore": 0.12, "active": 0.42, "cbd": 0.19, "collector": 0.30}
+# CBS grey / 65535 per class at auto C/B under the simulator's physics (tilt-law yields at the face).
+CBS_CENTRES = {"pore": 0.90, "unfilled_pore": 0.05, "active": 0.54, "cbd": 0.21, "collector": 0.41}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,16 @@ from scipy import ndimage
 
 from simulator.infiltration import infiltrate
 from simulator.materials import Material
-from simulator.specimen import PRESETS, SpecimenParams, build_specimen, default_cache_dir
+from simulator.specimen import (
+    PRESET_TOLERANCE,
+    PRESETS,
+    PresetMissed,
+    SpecimenParams,
+    build_specimen,
+    check_preset,
+    default_cache_dir,
+    fractions_of,
+)
 
 SMALL = (48, 160, 160)  # 1.9 x 6.4 x 6.4 um at 40 nm
 
@@ -208,3 +217,27 @@ def test_infiltration_matches_connectivity_on_specimen() -> None:
     narrow = infiltrate(mats, face, depth, throat_radius_vox=2.0)
     assert not (narrow & ~exact).any()  # a probe never reaches what plain connectivity cannot
     assert narrow.sum() > 0.5 * exact.sum()
+
+
+def test_a_specimen_that_misses_its_preset_is_an_error(tmp_path: Path) -> None:
+    # particles far too large for the volume: the packing cannot reach 63 % NMC in it
+    params = small(d50_m=12e-6, shape=(24, 60, 60))
+    with pytest.raises(PresetMissed, match=r"96:2:2.*(nmc|cbd|porosity) "):
+        build_specimen(params, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written into the cache
+    good = fractions_of(build_specimen(small()).counts)
+    check_preset(small(), {**{m.name: 0 for m in Material}, "NMC": 63, "CBD": 14, "PORE": 23})
+    assert abs(good["nmc"] - PRESETS["96:2:2"].nmc) <= PRESET_TOLERANCE
+    with pytest.raises(PresetMissed, match=r"nmc 0\.500"):
+        check_preset(small(), {**{m.name: 0 for m in Material}, "NMC": 50, "CBD": 14, "PORE": 36})
+
+
+def test_depth_covers_the_run_and_the_pore_back_reach() -> None:
+    from simulator.factory import RunSize, specimen_params
+    from simulator.pore_back import PORE_BACK_MAX_DEPTH_M
+
+    size = RunSize(width_px=64, height_px=48, slices=30, slice_thickness_m=40e-9)
+    params = specimen_params(size, preset="96:2:2", seed=0, geometry="cross_section")
+    run_m = 30 * 40e-9 * 1.2  # the run with its thickness scatter
+    assert params.shape[0] * params.voxel_size_m >= run_m + PORE_BACK_MAX_DEPTH_M
+    assert PORE_BACK_MAX_DEPTH_M >= 5e-6
