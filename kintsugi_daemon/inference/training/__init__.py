@@ -6,15 +6,33 @@ exactly as the daemon does) and the metrics (IoU). Modules: `data` (simulator da
 `sampling` (crops, augmentation, Dice), `evaluation`, `export` (ONNX, int8), `loop` (`train`).
 """
 
-from kintsugi_daemon.inference.training.annotations import (
-    AnnotationError,
-    load_annotations,
-    load_training_data,
-)
-from kintsugi_daemon.inference.training.data import SliceData, load_folder
-from kintsugi_daemon.inference.training.export import export_onnx
-from kintsugi_daemon.inference.training.loop import TrainConfig, TrainResult, train
-from kintsugi_daemon.inference.training.model import TorchTiled, UNet, build_model, unet_from_onnx
+import importlib
+from typing import Any
+
+# Imported on first use: reading annotations and datasets (and their errors) needs no torch, so
+# `kintsugi train`'s input checks and their tests work without the train extra.
+_WHERE = {
+    "AnnotationError": "annotations",
+    "load_annotations": "annotations",
+    "load_training_data": "annotations",
+    "SliceData": "data",
+    "load_folder": "data",
+    "export_onnx": "export",
+    "TrainConfig": "loop",
+    "TrainResult": "loop",
+    "train": "loop",
+    "TorchTiled": "model",
+    "UNet": "model",
+    "build_model": "model",
+    "unet_from_onnx": "model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "AnnotationError",
