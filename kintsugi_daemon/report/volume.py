@@ -100,7 +100,10 @@ def _surface_um2(mask: np.ndarray, voxel_um: tuple[float, float, float]) -> floa
 
     # Marching cubes on a raw binary mask traces every voxel step and overestimates a smooth surface by
     # about 13 % (a sphere's); a one-voxel Gaussian first brings it within a few percent.
-    padded = ndi.gaussian_filter(np.pad(mask.astype(np.float32), 2, mode="edge"), sigma=1.0, mode="nearest")
+    raw = np.pad(mask.astype(np.float32), 2, mode="edge")
+    padded = ndi.gaussian_filter(raw, sigma=1.0, mode="nearest")
+    if not padded.min() < 0.5 < padded.max():
+        padded = raw  # features thinner than the blur (a 2-voxel channel) vanish in it: trace them raw
     verts, faces, _normals, _values = marching_cubes(  # type: ignore[no-untyped-call]
         padded, level=0.5, spacing=voxel_um
     )
