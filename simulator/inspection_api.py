@@ -6,6 +6,8 @@ A real bridge never serves these; a daemon must never depend on them.
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter
@@ -52,5 +54,16 @@ def test_router(sim: SimulatedDualBeam) -> APIRouter:
     @router.get("/face")
     async def face() -> dict[str, Any]:
         return sim.face_report()
+
+    @router.get("/busy")
+    async def busy(since_s: float = 0.0) -> dict[str, Any]:
+        """Operations that ended after `since_s` (time.monotonic of this machine), and the time scale:
+        a benchmark computes the instrument's idle time on the instrument's own clock from these."""
+        return {
+            "now_s": time.monotonic(),
+            "time_scale": sim.settings.time_scale,
+            "instrument_time_s": sim.face_report()["instrument_time_s"],
+            "intervals": [asdict(b) for b in sim.busy_log if b.end_s > since_s],
+        }
 
     return router

@@ -159,6 +159,11 @@ class SimulatedDualBeam(ImagingVerbs):
                 )
             warmup = max(request.gis_temperature_k - AMBIENT_K, 0.0)
             duration = timing.deposit_time_s(request.thickness_m, request.beam, warmup, gis_inserted=False)
+            # Warmer precursor flows further into the pores (choice: linear in the temperature above 300 K).
+            temp_factor = min(1.0 + (reached - 303.0) / 30.0, 1.5)
+            fi = self.face_index
+            # The infiltration of a full deposit is computed while the deposit's instrument time passes.
+            planned = self._infiltration(request.thickness_m, temp_factor, fi)
             self._patterning = "running"
             self._gis = GisState(inserted=True, heater_on=True, temperature_k=reached, valve_open=True)
             try:
@@ -171,23 +176,14 @@ class SimulatedDualBeam(ImagingVerbs):
                     temperature_k=self._gis.temperature_k,
                     valve_open=False,
                 )
+                mask = await self._in_thread(planned[1]) if planned[1] is not None else None
             thickness = request.thickness_m * done
-            self._face.cap_m += thickness  # booked first: the infiltration below takes a while
-            # Warmer precursor flows further into the pores (choice: linear in the temperature above 300 K).
-            temp_factor = min(1.0 + (reached - 303.0) / 30.0, 1.5)
-            depth_m = min(thickness * INFILTRATION_PER_THICKNESS * temp_factor, MAX_INFILTRATION_M)
-            depth_vox = math.ceil(depth_m / self.voxel_m)
-            fi = self.face_index
-            if depth_vox > 0 and fi < self.pt.shape[0]:
-                mask = await self._in_thread(
-                    asyncio.to_thread(
-                        infiltrate,
-                        self.specimen.materials,
-                        fi,
-                        depth_vox,
-                        self.settings.throat_radius_m / self.voxel_m,
-                    )
-                )
+            self._face.cap_m += thickness
+            depth_m = planned[0]
+            if done < 1.0:  # stopped: only the part deposited infiltrates (rare, so computed again)
+                depth_m, partial = self._infiltration(thickness, temp_factor, fi)
+                mask = await self._in_thread(partial) if partial is not None else None
+            if mask is not None:
                 self.pt[fi : fi + mask.shape[0]] |= mask & self._coverage()[None]
             if cut is not None:
                 raise cut
@@ -225,19 +221,34 @@ class SimulatedDualBeam(ImagingVerbs):
                 detail={"field": "species"},
             )
 
-    def _refresh_curtain(self, current_a: float) -> None:
-        fi = self.face_index
-        self._face.curtain = curtain_map(
+    def _infiltration(
+        self, thickness_m: float, temp_factor: float, fi: int
+    ) -> tuple[float, asyncio.Future[np.ndarray] | None]:
+        """Infiltration depth of a deposit and its Pt mask ahead of face `fi`, computing in a thread."""
+        depth_m = min(thickness_m * INFILTRATION_PER_THICKNESS * temp_factor, MAX_INFILTRATION_M)
+        depth_vox = math.ceil(depth_m / self.voxel_m)
+        if depth_vox <= 0 or fi >= self.pt.shape[0]:
+            return depth_m, None
+        radius_vox = self.settings.throat_radius_m / self.voxel_m
+        return depth_m, self._compute_during(infiltrate, self.specimen.materials, fi, depth_vox, radius_vox)
+
+    def _curtain(self, fi: int, cap_m: float, current_a: float, passes: int) -> asyncio.Future[np.ndarray]:
+        """The curtain map of face `fi` as it will be after the cut, computing in a thread."""
+        return self._compute_during(
+            curtain_map,
             self.specimen.materials[fi],
-            self._face.cap_m,
+            cap_m,
             current_a,
             self._column.species,
-            self._face.polish_passes,
+            passes,
             self._rng_curtain,
             self._face.curtain,
             pt=self.pt[fi],  # filled voids no longer seed curtains: the kintsugi side benefit
             voxel_size_m=self.voxel_m,
         )
+
+    def _index_at(self, position_m: float) -> int:
+        return min(round(position_m / self.voxel_m), int(self.specimen.materials.shape[0]) - 1)
 
     async def mill(self, request: MillRequest, *, deadline_s: float | None = None) -> MillResult:
         async with self._operation("mill"):
@@ -258,13 +269,24 @@ class SimulatedDualBeam(ImagingVerbs):
             duration = timing.mill_time_s(volume, current, request.species, request.application)
             self._column.current_a = request.current_a
             self._patterning = "running"
-            done, cut = await self._spend_or_cut(duration)
+            cap_after = max(self._face.cap_m - CAP_EROSION_PER_MILL_M, 0.0)
+            curtain = self._curtain(
+                self._index_at(self._face.position_m + removed), cap_after, request.current_a, 0
+            )
+            try:
+                done, cut = await self._spend_or_cut(duration)
+            finally:
+                planned = await self._in_thread(curtain)
             # The same bookkeeping for a finished, stopped or cancelled mill: the face stays consistent.
             self._face.position_m += removed * done
             self._face.polish_passes = 0
-            self._face.cap_m = max(self._face.cap_m - CAP_EROSION_PER_MILL_M, 0.0)
+            self._face.cap_m = cap_after
             self._drift += self._rng_jump.normal(0.0, POST_MILL_JUMP_M, 2)
-            self._refresh_curtain(request.current_a)
+            self._face.curtain = (
+                planned
+                if done >= 1.0
+                else await self._in_thread(self._curtain(self.face_index, cap_after, request.current_a, 0))
+            )
             if cut is not None:
                 raise cut
             if done < 1.0:
@@ -290,10 +312,24 @@ class SimulatedDualBeam(ImagingVerbs):
                 volume, request.current_a * self._current_factor(), request.species, "si"
             )
             self._patterning = "running"
-            done, cut = await self._spend_or_cut(duration + 2.0 * request.passes)
+            after = self._index_at(self._face.position_m + removed)
+            passes = self._face.polish_passes + request.passes
+            curtain = self._curtain(after, self._face.cap_m, request.current_a, passes)
+            try:
+                done, cut = await self._spend_or_cut(duration + 2.0 * request.passes)
+            finally:
+                planned = await self._in_thread(curtain)
             self._face.position_m += removed * done
             self._face.polish_passes += request.passes if done >= 1.0 else 0
-            self._refresh_curtain(request.current_a)
+            self._face.curtain = (
+                planned
+                if done >= 1.0
+                else await self._in_thread(
+                    self._curtain(
+                        self.face_index, self._face.cap_m, request.current_a, self._face.polish_passes
+                    )
+                )
+            )
             if cut is not None:
                 raise cut
             if done < 1.0:

@@ -4,6 +4,13 @@ Instrument state (face position, Pt in the pores ahead of the face, cap, curtain
 GIS, vacuum, beams, stage) lives in `InstrumentCore`; the verbs live in `simulator.instrument` (motion,
 Pt, milling) and `simulator.imaging_verbs` (acquire, auto functions, EDX). Operations are serialised
 like the real instrument's, charge instrument time from the timing model, and can be stopped midway.
+
+Pacing: an operation takes its simulated duration x time scale of wall time, and the simulator's own
+computation for it (rendering, infiltration, the curtain of the new face) runs in a worker thread inside
+that window, so the simulator's wall time equals instrument time and every gap between operations is
+the client's. Work that does not fit the window (large frames at a small time scale, or time scale 0) is
+booked as `overrun_s` of the operation in the busy log (`busy_log`, served on `/test/busy`), never
+silently stretched into instrument time.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -49,8 +57,10 @@ from simulator.pore_back import PORE_BACK_MAX_DEPTH_M
 from simulator.specimen import Specimen
 
 __all__ = [
+    "BUSY_LOG_LENGTH",
     "DEPTH_AHEAD_VOX",
     "OPERATION_VERBS",
+    "BusyInterval",
     "InstrumentCore",
     "SimulatorSettings",
     "check_fault_applicable",
@@ -58,6 +68,19 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+BUSY_LOG_LENGTH = 20_000  # operations kept for /test/busy (a 400-slice night is ~3,000)
+
+
+@dataclass(frozen=True)
+class BusyInterval:
+    """One operation on the simulator's wall clock (time.monotonic, system-wide on Linux)."""
+
+    verb: str
+    start_s: float
+    end_s: float
+    instrument_s: float  # simulated seconds it charged
+    overrun_s: float  # wall time beyond instrument_s x time scale: simulator computation that did not fit
 
 
 def depth_ahead_vox(voxel_m: float) -> int:
@@ -205,6 +228,7 @@ class InstrumentCore:
         self._patterning: Literal["idle", "running", "paused"] = "idle"
         self._stop = asyncio.Event()
         self._instrument_s = 0.0
+        self.busy_log: deque[BusyInterval] = deque(maxlen=BUSY_LOG_LENGTH)
         self.last_labels: np.ndarray | None = None
         self._last_conditions: ImagingConditions | None = None
 
@@ -265,6 +289,7 @@ class InstrumentCore:
         fired = self._fault_gate(verb)
         self._busy = verb
         self._stop.clear()
+        t0, charged0 = time.monotonic(), self._instrument_s
         try:
             if any(f.kind == "hang" for f in fired):
                 await self._stop.wait()  # a hung operation: only stop (or the server's deadline) ends it
@@ -275,6 +300,9 @@ class InstrumentCore:
         finally:
             self._busy = None
             self._patterning = "idle"
+            end, charged = time.monotonic(), self._instrument_s - charged0
+            paced = charged * self.settings.time_scale
+            self.busy_log.append(BusyInterval(verb, t0, end, charged, max(0.0, end - t0 - paced)))
 
     async def _spend(self, simulated_s: float) -> float:
         """Charge instrument time; return the fraction done (1.0, or less when stopped).
@@ -312,6 +340,11 @@ class InstrumentCore:
     async def _in_thread(self, work: Awaitable[T]) -> T:
         """Thread work that holds the operation (and `busy`) until it really finishes, even if cancelled."""
         return await _finish(asyncio.ensure_future(work))
+
+    def _compute_during(self, fn: Callable[..., T], *args: object, **kwargs: object) -> asyncio.Future[T]:
+        """Start an operation's computation in a worker thread, inside its instrument-time window; the verb
+        awaits it with `_in_thread` after `_spend`, so only what overruns the window adds wall time."""
+        return asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
 
     def _drift_walk(self, seconds: float) -> None:
         self._drift += self._rng_drift.normal(0.0, DRIFT_NM_PER_SQRT_S * 1e-9 * math.sqrt(seconds), 2)
