@@ -107,6 +107,7 @@ class ImagingVerbs(InstrumentCore):
                 slice_index=self._face.slice_index,
                 frame_time_s=frame_s,
                 timestamp=time.time(),
+                state=self._state_after(),
             )
             return Acquisition(rendered.images, meta)
 

@@ -196,6 +196,7 @@ class SimulatedDualBeam(ImagingVerbs):
                 thickness_m=thickness,
                 infiltration_depth_m=depth_m,
                 cap_thickness_m=self._face.cap_m,
+                state=self._state_after(),
             )
 
     def _coverage(self) -> np.ndarray:
@@ -300,7 +301,11 @@ class SimulatedDualBeam(ImagingVerbs):
                 )
             self._face.slice_index += 1
             return MillResult(
-                duration_s=duration, removed_m=removed, face_position_m=self._face.position_m, completed=True
+                duration_s=duration,
+                removed_m=removed,
+                face_position_m=self._face.position_m,
+                completed=True,
+                state=self._state_after(),
             )
 
     async def polish(self, request: PolishRequest, *, deadline_s: float | None = None) -> MillResult:
@@ -337,7 +342,11 @@ class SimulatedDualBeam(ImagingVerbs):
                     "polish stopped", detail={"verb": "polish", "face_position_m": self._face.position_m}
                 )
             return MillResult(
-                duration_s=duration, removed_m=removed, face_position_m=self._face.position_m, completed=True
+                duration_s=duration,
+                removed_m=removed,
+                face_position_m=self._face.position_m,
+                completed=True,
+                state=self._state_after(),
             )
 
 

@@ -381,6 +381,13 @@ class InstrumentCore:
 
     async def state(self, *, deadline_s: float | None = None) -> InstrumentState:
         self._fault_gate("state")
+        return self._state_now()
+
+    def _state_after(self) -> InstrumentState:
+        """The state an operation's answer carries: as it ends, no longer busy or patterning."""
+        return self._state_now().model_copy(update={"busy": None, "patterning": "idle"})
+
+    def _state_now(self) -> InstrumentState:
         factor = self._current_factor()
         col = self._column
         return InstrumentState(

@@ -285,6 +285,9 @@ class DepositResult(StrictModel):
     thickness_m: float
     infiltration_depth_m: float
     cap_thickness_m: float
+    # The instrument's state as the operation ended: the client needs no extra round trip before its next
+    # step (None where a backend cannot read it cheaply; the daemon then asks `state()`).
+    state: InstrumentState | None = None
 
 
 class MillRequest(StrictModel):
@@ -311,6 +314,9 @@ class MillResult(StrictModel):
     removed_m: float  # what was really removed (thickness scatter)
     face_position_m: float
     completed: bool
+    # The instrument's state as the operation ended: the client needs no extra round trip before its next
+    # step (None where a backend cannot read it cheaply; the daemon then asks `state()`).
+    state: InstrumentState | None = None
 
 
 class StopResult(StrictModel):
@@ -380,6 +386,9 @@ class AcquisitionMetadata(StrictModel):
     slice_index: int
     frame_time_s: float
     timestamp: float
+    # The instrument's state as the operation ended: the client needs no extra round trip before its next
+    # step (None where a backend cannot read it cheaply; the daemon then asks `state()`).
+    state: InstrumentState | None = None
 
 
 class Acquisition:

@@ -53,6 +53,7 @@ from kintsugi_daemon.drivers.base import (
     error_from_body,
 )
 from kintsugi_daemon.drivers.tiff_wire import decode_channels
+from kintsugi_daemon.service import profiling
 
 __all__ = ["HttpDualBeam"]
 
@@ -112,9 +113,10 @@ class HttpDualBeam:
             headers["Content-Type"] = "application/json"
         timeout = httpx.Timeout(limit + GRACE_S, connect=CONNECT_TIMEOUT_S)
         try:
-            resp = await self._http.request(
-                method, API_PREFIX + path, content=content, headers=headers, timeout=timeout
-            )
+            with profiling.span(f"call:{verb}"):
+                resp = await self._http.request(
+                    method, API_PREFIX + path, content=content, headers=headers, timeout=timeout
+                )
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never reached the server: nothing is running there that would need a stop.
             raise CommsLost(
@@ -181,7 +183,8 @@ class HttpDualBeam:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         resp = await self._request(verb, "POST", path, body, deadline_s)
         try:
-            return decode_channels(resp.content)
+            with profiling.span("decode"):
+                return decode_channels(resp.content)
         except (ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             raise CommsLost(f"{verb}: malformed TIFF from the instrument API: {exc!r}") from exc
 

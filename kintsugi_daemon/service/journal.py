@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kintsugi_daemon.service import profiling
+
 __all__ = [
     "SCHEMA_VERSION",
     "EventDraft",
@@ -258,7 +260,8 @@ class Journal:
             self._conn.execute("ROLLBACK")
             raise
         else:
-            self._conn.execute("COMMIT")
+            with profiling.span("journal"):  # the commit is where the fsyncs are
+                self._conn.execute("COMMIT")
         finally:
             self._depth = 0
 

@@ -42,6 +42,7 @@ from kintsugi_daemon.states.checkpoint import (
     slice_period_s,
 )
 from kintsugi_daemon.states.guards import GuardReading, Guards
+from kintsugi_daemon.states.latest_state import LatestState
 from kintsugi_daemon.states.preflight import preflight_problem
 from kintsugi_daemon.states.run import INTERRUPTING, ActiveRun, CommandRefused, Interrupted, Refused
 from kintsugi_daemon.states.segmentation import SegmentationPipeline
@@ -86,6 +87,7 @@ class Controller:
         self._interrupt: str | None = None  # "pause" | "abort" | "halt" while an immediate stop is in flight
         self._wake = asyncio.Event()
         self._guards: Guards | None = None
+        self.latest = LatestState(instrument)
         self._guard_task: asyncio.Task[None] | None = None
         self.completions = Completions(journal)
 
@@ -269,6 +271,7 @@ class Controller:
         elif self._guards is None:
             self._guards = Guards(run.recipe.guards)
         await self.segmentation.catch_up(run)
+        self.latest.forget()  # a new loop (start, resume, recovery): read the instrument afresh
         while True:
             if await self._boundary():
                 return
@@ -370,7 +373,7 @@ class Controller:
         """Read the instrument and update the guards: (newly tripped, settled clear); None if unreadable."""
         assert self._guards is not None and self.run is not None
         try:
-            state = await self.instrument.state()
+            state = await self.latest.get()
         except InstrumentError:
             return None
         needs_gis = "deposit_pt" in steps.steps_for_slice(self.run.recipe, self.run.next_slice)
@@ -435,7 +438,7 @@ class Controller:
         params: dict[str, Any] = {"slice": index}
         request: steps.Request | None = None
         if spec.build is not None:
-            state = await self.instrument.state()
+            state = await self.latest.get()
             if recovery.earlier_attempt_took_effect(self.journal, run, index, step, state):
                 return
             run.face_m = state.face_position_m
@@ -458,8 +461,10 @@ class Controller:
         t0 = time.monotonic()
         assert spec.perform is not None
         try:
-            result = await spec.perform(steps.StepContext(self.instrument, run, index, request))
+            ctx = steps.StepContext(self.instrument, run, index, request, self.latest.fresh())
+            result = await spec.perform(ctx)
         except (InstrumentError, DiskFull) as exc:  # Aborted is an InstrumentError
+            self.latest.forget()
             record_failure(self.journal, run.run_id, index, step, step_id, exc)
             if isinstance(exc, Aborted) or self._interrupt is not None:
                 raise Interrupted() from exc
@@ -467,6 +472,8 @@ class Controller:
                 raise InstrumentFault(f"disk full: {exc}") from exc
             raise
         result["duration_s"] = round(time.monotonic() - t0, 4)
+        # Only an operation's own answer says how it left the instrument; a step without one forgets.
+        self.latest.remember(result.pop("state", None))
         # Committed with the next state change (the next step's intent, a pause, a fault...).
         self.completions.hold(run.run_id, index, step, step_id, result)
         self.on_change()

@@ -27,6 +27,7 @@ from kintsugi_daemon.inference.contract import load_model as load_segmentation_m
 from kintsugi_daemon.inference.metrics import slice_metrics
 from kintsugi_daemon.inference.overlay import overlay
 from kintsugi_daemon.inference.tiling import segment as run_segmentation
+from kintsugi_daemon.service import profiling
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.states.alerts import Alerts
 from kintsugi_daemon.states.checkpoint import SliceProducts
@@ -78,7 +79,8 @@ class SegmentationPipeline:
 
     async def launch(self, run: ActiveRun, index: int, images: dict[str, Any] | None) -> None:
         """Segment a slice in a worker thread (after the one before it); `images` None: read from disk."""
-        await self.drain()
+        with profiling.span("segmentation_wait"):  # the instrument waits if the last slice is not done
+            await self.drain()
         step_id = self._journal.begin_step(run.run_id, index, "segment", {"slice": index})
         task = asyncio.create_task(
             self._segment(run, index, step_id, images), name=f"kintsugi-segment-{index}"

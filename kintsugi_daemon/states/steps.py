@@ -30,6 +30,7 @@ from kintsugi_daemon.drivers.base import (
 )
 from kintsugi_daemon.estimate import slice_bytes
 from kintsugi_daemon.instrument import POLISH_REMOVAL_M, SEM_FIB_ANGLE_DEG
+from kintsugi_daemon.service import profiling
 from kintsugi_daemon.states.run import ActiveRun
 
 __all__ = [
@@ -74,6 +75,7 @@ class StepContext:
     run: ActiveRun
     index: int
     request: Request | None = None
+    state: InstrumentState | None = None  # the instrument's state as last seen, when still fresh
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,10 @@ def acquire_request(recipe: Recipe) -> AcquireRequest:
     )
 
 
-async def image(instrument: DualBeam, recipe: Recipe) -> Acquisition:
+async def image(instrument: DualBeam, recipe: Recipe, state: InstrumentState | None = None) -> Acquisition:
     if recipe.imaging.y_correction and recipe.run.geometry == "cross_section":
         # The beam meets the receding face lower each slice; shift it back to keep the region in view.
-        state = await instrument.state()
+        state = state or await instrument.state()
         shift_y = -state.face_position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
         limit = state.beam_shift_limit_m
         await instrument.set_beam_shift(
@@ -219,19 +221,26 @@ async def _image(ctx: StepContext) -> dict[str, Any]:
     if run.storage.slice_complete(index):
         # Written before a crash that beat the journal: the files are the truth, do not re-image.
         return {"files": run.storage.read_slice(index)["files"], "recovered": True}
-    acq = await image(ctx.instrument, run.recipe)
-    paths = await asyncio.to_thread(
-        run.storage.write_slice,
-        index,
-        acq.images,
-        acq.metadata.model_dump(mode="json"),
-        None,
-        None,
-        replace=True,
-    )
+    acq = await image(ctx.instrument, run.recipe, ctx.state)
+    with profiling.span("storage"):
+        paths = await asyncio.to_thread(
+            run.storage.write_slice,
+            index,
+            acq.images,
+            acq.metadata.model_dump(mode="json"),
+            None,
+            None,
+            replace=True,
+        )
     run.acquisition = acq
     means = {name: round(float(img.mean()), 1) for name, img in acq.images.items()}
-    return {"files": paths, "mean_grey": means, "face_position_m": acq.metadata.face_position_m}
+    after = acq.metadata.state.model_dump(mode="json") if acq.metadata.state is not None else None
+    return {
+        "files": paths,
+        "mean_grey": means,
+        "face_position_m": acq.metadata.face_position_m,
+        "state": after,
+    }
 
 
 def _room_for_images(run: ActiveRun) -> None:

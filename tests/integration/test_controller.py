@@ -169,6 +169,18 @@ async def test_the_journaled_intent_is_the_request_sent(harness: Harness) -> Non
         assert {"face_before_m", "cap_before_m"} <= params.keys()
 
 
+async def test_the_critical_path_reads_state_from_the_operations_answers(harness: Harness) -> None:
+    """Each operation's answer carries the instrument's state: between steps the daemon reads it at most
+    once a slice (after the adapt step, which answers nothing), not before every step. Seen red with the
+    answers' state ignored: 22 reads for 4 slices."""
+    slices = 4
+    await harness.controller.command("start", {"recipe": recipe(slices, pt_every=1)})
+    await harness.wait_state("done")
+    reads = harness.recorder.calls.count("state")
+    assert reads <= 2 + slices, harness.recorder.calls  # preflight and the first boundary, then one a slice
+    assert harness.controller.latest.reads == reads - 1  # all but preflight's went through the cache
+
+
 async def test_deferred_pause_waits_for_the_step_boundary(harness: Harness) -> None:
     async def pause_on_second_mill(n: int) -> None:
         if n == 2:
