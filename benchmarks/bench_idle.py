@@ -11,10 +11,11 @@ The simulator (its own process, `--test-endpoints`) paces every operation to its
 time scale and logs each one on the system's monotonic clock (`/test/busy`). The instrument is busy for
 sum(instrument seconds x time scale); idle = 1 - busy / (window - overrun), where the window runs from
 the first operation's start to the last one's end and `overrun` is simulator computation that did not fit
-its operation's window (the real instrument has none). The daemon's controller runs in this process with profiling on
-(`kintsugi_daemon.service.profiling`), so every gap is attributed to what the daemon was doing then, in
-this order of precedence: image file writes, journal commits, waiting for segmentation, state reads,
-image transfer and decoding, other instrument round trips, decisions; what is left is the daemon's own
+its operation's window (the real instrument has none). The daemon's controller runs in this process
+with profiling on (`kintsugi_daemon.service.profiling`), so every gap is attributed to what the daemon
+was doing then, in this order of precedence: image file writes, journal commits, waiting for
+segmentation, state reads, image transfer and decoding, other instrument round trips, decisions; what is
+left is the daemon's own
 (state machine, logging, event loop). Simulator computation that overran an operation's window is shown
 apart: it is the simulator's, not the instrument's or the daemon's.
 """
@@ -80,7 +81,7 @@ CAUSES = (
 Interval = tuple[float, float]
 
 
-def _union(intervals: Iterable[Interval]) -> list[Interval]:
+def union(intervals: Iterable[Interval]) -> list[Interval]:
     out: list[list[float]] = []
     for a, b in sorted(intervals):
         if out and a <= out[-1][1]:
@@ -90,7 +91,7 @@ def _union(intervals: Iterable[Interval]) -> list[Interval]:
     return [(a, b) for a, b in out]
 
 
-def _intersect(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
+def intersect(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
     out, i, j = [], 0, 0
     while i < len(xs) and j < len(ys):
         a, b = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
@@ -103,7 +104,7 @@ def _intersect(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
     return out
 
 
-def _minus(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
+def minus(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
     out: list[Interval] = []
     for a, b in xs:
         cur = a
@@ -118,7 +119,7 @@ def _minus(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
     return out
 
 
-def _length(xs: Iterable[Interval]) -> float:
+def length(xs: Iterable[Interval]) -> float:
     return sum(b - a for a, b in xs)
 
 
@@ -129,13 +130,13 @@ def attribute(busy: dict[str, Any], spans: Sequence[profiling.Span]) -> dict[str
     scale = float(busy["time_scale"])
     instrument = sum(o["instrument_s"] for o in ops) * scale
     overrun = sum(o["overrun_s"] for o in ops)
-    gaps = _minus([window], _union((o["start_s"], o["end_s"]) for o in ops))
+    gaps = minus([window], union((o["start_s"], o["end_s"]) for o in ops))
     parts: dict[str, float] = {"window": window[1] - window[0], "busy": instrument, "overrun": overrun}
     for key, _, match in CAUSES:
-        mine = _intersect(gaps, _union((s.start_s, s.end_s) for s in spans if match(s.kind)))
-        parts[key] = _length(mine)
-        gaps = _minus(gaps, mine)
-    parts["daemon"] = _length(gaps)
+        mine = intersect(gaps, union((s.start_s, s.end_s) for s in spans if match(s.kind)))
+        parts[key] = length(mine)
+        gaps = minus(gaps, mine)
+    parts["daemon"] = length(gaps)
     verbs = sorted({s.kind for s in spans if s.kind.startswith("call:")})
     for kind in verbs:  # which round trips the remaining calls were (they overlap operations, so inside)
         parts[kind] = sum(s.end_s - s.start_s for s in spans if s.kind == kind)

@@ -30,6 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ValidationError
 
 from kintsugi_daemon.config import MqttSettings
+from kintsugi_daemon.service import profiling
 from kintsugi_daemon.service.messages import (
     COMMAND_MODELS,
     PROGRESS,
@@ -338,9 +339,10 @@ class MqttLink:
         """Up to `window` events in flight at once (one TCP stream, so the broker gets them in seq
         order); then the acknowledged prefix is marked sent in one transaction. A failure leaves it
         and everything after it unsent, so "sent" never skips ahead of an unacknowledged event."""
-        wires = [self._wire(event) for event in events]
-        # Tasks start in creation order, and each hands its packet to paho before its first await.
-        tasks = [asyncio.create_task(client.publish(t, payload, qos=1)) for t, payload in wires]
+        with profiling.span("mqtt"):  # the daemon's share: payloads built and handed over (acks overlap)
+            wires = [self._wire(event) for event in events]
+            # Tasks start in creation order, and each hands its packet to paho before its first await.
+            tasks = [asyncio.create_task(client.publish(t, payload, qos=1)) for t, payload in wires]
         for task in tasks:
             task.add_done_callback(_consume)  # the first failure is raised below; silence the rest
         acked: list[int] = []
