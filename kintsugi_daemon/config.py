@@ -255,6 +255,7 @@ class ImagingSettings(Strict):
 class SegmentationSettings(Strict):
     enabled: bool = True
     model: str = "builtin"  # or a path to an ONNX file
+    # Inference threads; default: the CPUs the daemon may use (its affinity) but one (inference/session.py).
     threads: int | None = Field(default=None, ge=1, le=256)
     # The model contract for a model exported without kintsugi.* metadata (Avizo, say), or overrides of
     # it: classes, channels, normalisation, pixel_size_m, tile, halo, stride, layout (inference/contract.py).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
 
-__all__ = ["PROVIDERS", "available_cpus", "create_session", "session_options"]
+__all__ = ["PROVIDERS", "available_cpus", "create_session", "inference_threads", "session_options"]
 
 PROVIDERS = ["CPUExecutionProvider"]
 
@@ -27,6 +27,13 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def inference_threads() -> int:
+    """The daemon's default: every CPU it may use but one, which stays with the event loop, the file
+    writes and the journal (and, on a demo or bench PC, the simulator), so the instrument is never kept
+    waiting for the daemon's answer while a slice is segmented beside it."""
+    return max(1, available_cpus() - 1)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

@@ -26,6 +26,7 @@ from kintsugi_daemon.inference.contract import (
 from kintsugi_daemon.inference.contract import load_model as load_segmentation_model
 from kintsugi_daemon.inference.metrics import slice_metrics
 from kintsugi_daemon.inference.overlay import overlay
+from kintsugi_daemon.inference.session import inference_threads
 from kintsugi_daemon.inference.tiling import segment as run_segmentation
 from kintsugi_daemon.service import profiling
 from kintsugi_daemon.service.journal import EventDraft, Journal
@@ -70,7 +71,10 @@ class SegmentationPipeline:
         if self._model is None or self._model_key != key:
             self._model, self._model_key = None, None
             self._model = await asyncio.to_thread(
-                load_segmentation_model, path, override=seg.metadata, threads=seg.threads
+                load_segmentation_model,
+                path,
+                override=seg.metadata,
+                threads=seg.threads or inference_threads(),
             )
             self._model_key = key
         img = run.recipe.imaging
