@@ -1,7 +1,16 @@
-"""(c) Inference throughput on a 1536 x 1024 two-channel slice with 2 threads: onnxruntime (the daemon's
-tiled path, and one whole-image call) next to PyTorch eager on the same weights, the achieved GFLOP/s
-(convolution FLOPs counted from the ONNX graph's shapes) and the machine's measured float32 matmul rate.
+"""(c) Inference on the daemon's path: tiling overhead, onnxruntime vs PyTorch, float32 vs int8, side by side.
+
 Run through `python -m benchmarks.bench_segmentation --parts c`.
+
+One held-out 1536 x 1024 two-detector slice (preset 94:3:3, seed 102: a specimen the shipped model never
+saw), 2 threads, the shipped model (kintsugi_daemon/inference/models/):
+- the daemon's path (`inference.tiling.segment` with its default memory budget) against one whole-image
+  network call: network pixels / image pixels and seconds (target <= 1.2x the whole-image call), and the
+  network's nominal 512 px tiles for comparison (what the daemon did before tiles were planned per frame);
+- PyTorch eager on the same weights (when torch is installed: the train extra);
+- the int8 twin (`kintsugi-unet-int8.onnx`) against float32: seconds per slice on the daemon's path and
+  mean IoU on held-out slices (targets >= 1.8x faster, mean-IoU loss < 0.01).
+Every figure is measured in this run.
 """
 
 from __future__ import annotations
@@ -29,13 +38,16 @@ from benchmarks.segmentation_common import (
     print_table,
     read_slices,
 )
+from kintsugi_daemon.cli.quantize import held_out_miou
 from kintsugi_daemon.inference.contract import (
+    SHIPPED_INT8_MODEL,
+    SHIPPED_MODEL,
+    SegmentationModel,
     load_model,
 )
-from kintsugi_daemon.inference.tiling import normalise, segment
+from kintsugi_daemon.inference.tiling import DEFAULT_ACTIVATION_BYTES_PER_PX, normalise, plan_tiles, segment
 
 
-# ------------------------------------------------------------------------------- (c) throughput
 def conv_flops_per_pixel(model_path: Path, side: int = 256) -> float | None:
     """Multiply-add FLOPs (2 per MAC) of all Conv/ConvTranspose nodes per input pixel, from the graph's
     inferred shapes at a side x side input (a fully convolutional net scales linearly with pixels)."""
@@ -110,25 +122,32 @@ class _CountingSession:
         return getattr(self.inner, name)
 
 
-def part_c(model_path: Path, data_dir: Path, quick: bool) -> None:
-    repeats = 3 if quick else 5
+def _network_pixels(model: SegmentationModel, images: Mapping[str, npt.NDArray[Any]], **kw: Any) -> int:
+    counting = _CountingSession(model.session)
+    segment(dataclasses.replace(model, session=counting), images, **kw)
+    return counting.pixels
+
+
+def throughput(model_path: Path, data_dir: Path, repeats: int) -> dict[str, float]:
     root = ensure_dataset(data_dir, seed=102, preset=HELD_OUT_PRESET, slices=1, width=1536, height=1024)
     images, truth = read_slices(root / "with-pt")[0]
     model = load_model(model_path, threads=THREADS)
     spec = model.spec
     h, w = truth.shape
     print(
-        f"\n(c) inference throughput of {model_path.name} on a {w}x{h} two-channel slice, {THREADS} threads "
+        f"\ninference of {model_path.name} on a {w}x{h} two-channel slice, {THREADS} threads "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, onnxruntime "
         f"{ort.__version__})"
     )
-    counting = _CountingSession(model.session)
-    counted = dataclasses.replace(model, session=counting)
-    segment(counted, images)
-    tiled_px = counting.pixels
-    t_tiled = _median_time(lambda: segment(model, images), repeats)
+    plan = plan_tiles(model, h, w)
+    per_px = spec.activation_bytes_per_px or DEFAULT_ACTIVATION_BYTES_PER_PX
+    nominal_budget = spec.tile * spec.tile * per_px  # admits only the network's nominal tile
+    daemon_px = _network_pixels(model, images)
+    nominal_px = _network_pixels(model, images, memory_budget_bytes=nominal_budget)
+    t_daemon = _median_time(lambda: segment(model, images), repeats)
+    t_nominal = _median_time(lambda: segment(model, images, memory_budget_bytes=nominal_budget), repeats)
 
-    # One whole-image call: the same computation for onnxruntime and PyTorch.
+    # One whole-image call: the reference computation, for onnxruntime and PyTorch alike.
     x = normalise(model, images)
     halo, stride = spec.effective_halo, spec.stride
     ph, pw = (-(h + 2 * halo)) % stride, (-(w + 2 * halo)) % stride
@@ -141,10 +160,17 @@ def part_c(model_path: Path, data_dir: Path, quick: bool) -> None:
 
     def row(name: str, seconds: float, px: int) -> list[str]:
         gflop = fpp * px / 1e9 if fpp else None
-        return [name, f"{seconds:.3f}", fmt(gflop, ".1f"), fmt(gflop / seconds if gflop else None, ".1f")]
+        return [
+            name,
+            f"{seconds:.3f}",
+            f"{seconds / t_whole:.2f}",
+            f"{px / (h * w):.2f}",
+            fmt(gflop / seconds if gflop else None, ".1f"),
+        ]
 
-    rows.append(row(f"onnxruntime, tiled {spec.tile} px, halo {halo} (daemon path)", t_tiled, tiled_px))
-    rows.append(row("onnxruntime, whole image (one call)", t_whole, whole_px))
+    rows.append(row(f"daemon path: {plan.tiles} tile(s) of {plan.y.tile}x{plan.x.tile}", t_daemon, daemon_px))
+    rows.append(row(f"nominal {spec.tile} px tiles, halo {halo} (before)", t_nominal, nominal_px))
+    rows.append(row("whole image, one network call", t_whole, whole_px))
     t_torch: float | None = None
     if importlib.util.find_spec("torch") is not None:
         import torch
@@ -164,40 +190,52 @@ def part_c(model_path: Path, data_dir: Path, quick: bool) -> None:
                     return net(xt)
 
             t_torch = _median_time(eager, repeats)
-            with torch.inference_mode():
-                diff = float(
-                    np.abs(net(xt).numpy() - model.session.run(None, {model.input_name: xp})[0]).max()
-                )
             rows.append(row("PyTorch eager, whole image (same weights)", t_torch, whole_px))
     else:
         print("  PyTorch eager: skipped (needs torch: pip install -e '.[train]')")
     peak = peak_matmul_gflops()
     print_table(
-        f"s/image (median of {repeats}) and achieved rate; model {fpp / 1e3 if fpp else math.nan:.1f} kFLOP "
-        "per input pixel (convolutions, 2 per multiply-add)",
-        ["", "s/image", "GFLOP run", "GFLOP/s"],
+        f"median of {repeats}; model {fpp / 1e3 if fpp else math.nan:.1f} kFLOP per input pixel",
+        ["", "s/slice", "x whole", "net px/px", "GFLOP/s"],
         rows,
         [
-            f"tiled: {tiled_px / (h * w):.2f}x the image's pixels go through the network "
-            "(halos, stride padding)",
-            *(
-                [
-                    f"speedup onnxruntime whole image vs PyTorch eager: {t_torch / t_whole:.2f}x "
-                    f"(tiled daemon path {t_torch / t_tiled:.2f}x); max |logit diff| {diff:.1e}"
-                ]
-                if t_torch
-                else []
-            ),
+            f"daemon path: {t_daemon / t_whole:.2f}x the whole-image call (target <= 1.2), "
+            f"{daemon_px / (h * w):.2f}x the image's pixels through the network; the nominal tiles "
+            f"{t_nominal / t_whole:.2f}x",
             "peak: measured float32 matmul 2n^3/t, n=2048, "
             + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()),
-            *(
-                [
-                    "onnxruntime whole-image efficiency: "
-                    f"{fpp * whole_px / 1e9 / t_whole / max(peak.values()):.0%} of the measured matmul rate"
-                ]
-                if fpp
-                else []
-            ),
-            f"{w}x{h} slices per minute on the daemon path: {60 / t_tiled:.1f}",
+            f"{w}x{h} slices per minute on the daemon path: {60 / t_daemon:.1f}",
         ],
     )
+    return {"daemon_s": t_daemon, "whole_s": t_whole}
+
+
+def int8_vs_float(data_dir: Path, slices: int, repeats: int) -> None:
+    if not SHIPPED_INT8_MODEL.is_file():
+        print(f"\nint8: skipped ({SHIPPED_INT8_MODEL.name} missing: scripts/quantize_shipped_model.sh)")
+        return
+    root = ensure_dataset(data_dir, seed=101, preset=HELD_OUT_PRESET, slices=slices, width=1536, height=1024)
+    images, _ = read_slices(root / "with-pt")[0]
+    rows = []
+    times: dict[str, float] = {}
+    ious: dict[str, float] = {}
+    for name, path in (("float32", SHIPPED_MODEL), ("int8 QDQ", SHIPPED_INT8_MODEL)):
+        model = load_model(path, threads=THREADS)
+        times[name] = _median_time(lambda m=model: segment(m, images), repeats)  # type: ignore[misc]
+        ious[name], _ = held_out_miou(model, [root / "with-pt"])
+        rows.append([name, f"{times[name]:.3f}", f"{ious[name]:.4f}", f"{path.stat().st_size / 1e6:.2f}"])
+    speed = times["float32"] / times["int8 QDQ"]
+    loss = ious["float32"] - ious["int8 QDQ"]
+    print_table(
+        f"float32 vs int8 on the daemon path, 1536x1024, {THREADS} threads, median of {repeats}; mean IoU "
+        f"over {slices} held-out slices (94:3:3, seed 101)",
+        ["", "s/slice", "mean IoU", "MB"],
+        rows,
+        [f"int8: {speed:.2f}x faster (target >= 1.8), mean-IoU loss {loss:+.4f} (target < 0.01)"],
+    )
+
+
+def part_c(model_path: Path, data_dir: Path, quick: bool) -> None:
+    repeats = 3 if quick else 7
+    throughput(model_path, data_dir, repeats)
+    int8_vs_float(data_dir, 2 if quick else 4, repeats)

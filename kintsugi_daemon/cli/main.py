@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "kintsugi_daemon.cli.train",
     "kintsugi_daemon.cli.web",
     "kintsugi_daemon.cli.bridge",
+    "kintsugi_daemon.cli.quantize",
 ]
 
 Handler = Callable[[argparse.Namespace], int]

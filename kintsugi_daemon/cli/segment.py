@@ -11,7 +11,6 @@ per-slice IoU and metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Mapping
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 
 from kintsugi_daemon.inference.contract import (
     CANONICAL_CLASSES,
@@ -29,6 +27,13 @@ from kintsugi_daemon.inference.contract import (
     SegmentationModel,
     check_against_recipe,
     load_model,
+)
+from kintsugi_daemon.inference.datasets import (
+    DatasetError,
+    SliceItem,
+    dataset_items,
+    load_manifest,
+    read_tiff,
 )
 from kintsugi_daemon.inference.metrics import (
     MEAN_IOU_CLASSES,
@@ -42,21 +47,7 @@ from kintsugi_daemon.inference.overlay import overlay, save_overlay
 from kintsugi_daemon.inference.tiling import segment
 from kintsugi_daemon.service.atomic import write_json_atomic, write_tiff_atomic
 
-__all__ = ["SegmentInputError", "register"]
-
-
-class SegmentInputError(ValueError):
-    """Missing or malformed input: the CLI reports it as a usage error (exit 2)."""
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One slice to segment: detector image paths, where its labels go, optional ground truth."""
-
-    name: str
-    images: dict[str, Path]
-    out_name: str
-    truth: Path | None
+__all__ = ["register"]
 
 
 @dataclass
@@ -85,56 +76,10 @@ def _parse_image(spec: str) -> tuple[str, Path]:
     return name.strip(), Path(path)
 
 
-def _read_tiff(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise SegmentInputError(f"{what} {path} does not exist")
-    try:
-        image = np.asarray(tifffile.imread(path))
-    except Exception as exc:  # tifffile raises a variety of types for a damaged file
-        raise SegmentInputError(f"{what} {path} is not a readable TIFF: {exc}") from exc
-    if image.ndim != 2:
-        raise SegmentInputError(f"{what} {path} has shape {image.shape}; expected a 2-D image")
-    return image
-
-
-def _load_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / "dataset.json"
-    if not path.is_file():
-        raise SegmentInputError(
-            f"{folder} has no dataset.json; give a dataset folder or per-detector --image NAME=FILE"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SegmentInputError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("slices"), list):
-        raise SegmentInputError(f"{path} lacks a 'slices' list")
-    return manifest
-
-
-def _dataset_items(folder: Path, manifest: dict[str, Any]) -> list[_Item]:
-    items = []
-    for n, s in enumerate(manifest["slices"]):
-        if not isinstance(s, dict) or not isinstance(s.get("images"), dict):
-            raise SegmentInputError(f"{folder / 'dataset.json'}: slice {n} lacks an 'images' mapping")
-        index = s.get("index", n)
-        labels = s.get("labels")
-        out_name = Path(labels).name if isinstance(labels, str) else f"{int(index):04d}_labels.tif"
-        items.append(
-            _Item(
-                name=f"slice {index}",
-                images={k: folder / v for k, v in s["images"].items()},
-                out_name=out_name,
-                truth=folder / labels if isinstance(labels, str) else None,
-            )
-        )
-    return items
-
-
 def _open_model(path: Path | None, threads: int | None) -> SegmentationModel:
     if path is None:
         if not SHIPPED_MODEL.is_file():
-            raise SegmentInputError(
+            raise DatasetError(
                 f"the shipped model {SHIPPED_MODEL} is not installed (not trained yet?): pass --model "
                 f"FILE.onnx, or train one with `kintsugi train DATA --out {SHIPPED_MODEL}`"
             )
@@ -142,7 +87,7 @@ def _open_model(path: Path | None, threads: int | None) -> SegmentationModel:
     return load_model(path, threads=threads)
 
 
-def _progress(done: int, total: int, item: _Item, seconds: float, miou: float | None) -> None:
+def _progress(done: int, total: int, item: SliceItem, seconds: float, miou: float | None) -> None:
     score = f"  mean IoU {miou:.3f}" if miou is not None else ""
     print(
         f"kintsugi segment: {done}/{total} {item.name}: {seconds:.2f} s{score}", file=sys.stderr, flush=True
@@ -163,7 +108,7 @@ def _print_report(totals: _Totals, classes: Mapping[str, int]) -> None:
 
 def run_segment(
     model: SegmentationModel,
-    items: list[_Item],
+    items: list[SliceItem],
     out: Path,
     classes: Mapping[str, int],
     pixel_size_m: float,
@@ -172,7 +117,7 @@ def run_segment(
     """Segment every item into `out`; returns the summary written as segment.json."""
     missing = [c for c in model.spec.classes if c not in classes]
     if missing:
-        raise SegmentInputError(f"the model's class(es) {missing} have no label value in the manifest")
+        raise DatasetError(f"the model's class(es) {missing} have no label value in the manifest")
     # Canonical values (what `segment` returns) -> the manifest's values.
     remap = np.arange(256, dtype=np.uint8)
     for name in model.spec.classes:
@@ -186,7 +131,7 @@ def run_segment(
         "slices": [],
     }
     for n, item in enumerate(items, start=1):
-        images = {k: _read_tiff(p, f"{k} image") for k, p in item.images.items()}
+        images = {k: read_tiff(p, f"{k} image") for k, p in item.images.items()}
         t0 = time.monotonic()
         seg = segment(model, images)
         seconds = time.monotonic() - t0
@@ -203,9 +148,9 @@ def run_segment(
         record["metrics"] = metrics.model_dump(mode="json")
         miou = None
         if item.truth is not None and item.truth.is_file():
-            truth = _read_tiff(item.truth, "ground-truth labels")
+            truth = read_tiff(item.truth, "ground-truth labels")
             if truth.shape != labels.shape:
-                raise SegmentInputError(
+                raise DatasetError(
                     f"ground truth {item.truth} is {truth.shape}, the images are {labels.shape}"
                 )
             totals.add(labels, truth, classes)
@@ -240,34 +185,36 @@ def run_segment(
 
 def _main(args: argparse.Namespace) -> int:
     if (args.input is None) == (not args.image):
-        raise SegmentInputError("give either a dataset folder or --image DETECTOR=FILE (one per detector)")
+        raise DatasetError("give either a dataset folder or --image DETECTOR=FILE (one per detector)")
     if args.truth is not None and args.input is not None:
-        raise SegmentInputError("--truth goes with --image; a dataset's manifest names its own labels")
+        raise DatasetError("--truth goes with --image; a dataset's manifest names its own labels")
     model = _open_model(args.model, args.threads)
     if args.input is not None:
         folder: Path = args.input
         if not folder.is_dir():
-            raise SegmentInputError(f"dataset folder {folder} does not exist")
+            raise DatasetError(f"dataset folder {folder} does not exist")
         if folder.resolve() == args.out.resolve():
-            raise SegmentInputError(
+            raise DatasetError(
                 f"--out {args.out} is the dataset folder: its ground truth would be overwritten"
             )
-        manifest = _load_manifest(folder)
+        manifest = load_manifest(folder)
         detectors = manifest.get("detectors") or sorted({k for s in manifest["slices"] for k in s["images"]})
         pixel_size = args.pixel_size_m if args.pixel_size_m is not None else manifest.get("pixel_size_m")
         check_against_recipe(model.spec, detectors, (), pixel_size)
         classes = manifest.get("classes") or CANONICAL_CLASSES
-        items = _dataset_items(folder, manifest)
+        items = dataset_items(folder, manifest)
     else:
         images = dict(args.image)
         if len(images) != len(args.image):
-            raise SegmentInputError("a detector was given twice with --image")
+            raise DatasetError("a detector was given twice with --image")
         check_against_recipe(model.spec, list(images), (), args.pixel_size_m)
         # Named after the model's first channel's file, whatever order the flags came in.
         lead = model.spec.channels[0].casefold()
         first = next((p for k, p in args.image if k.casefold() == lead), Path(args.image[0][1]))
         classes = CANONICAL_CLASSES
-        items = [_Item(name=first.name, images=images, out_name=f"{first.stem}_labels.tif", truth=args.truth)]
+        items = [
+            SliceItem(name=first.name, images=images, out_name=f"{first.stem}_labels.tif", truth=args.truth)
+        ]
         pixel_size = args.pixel_size_m
     # Metrics need a pixel size; without one given, the model's training pixel size is the best guess.
     pixel = pixel_size if pixel_size is not None else model.spec.pixel_size_m

@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kintsugi_daemon.inference.session import create_session
 
 __all__ = [
+    "BUILTIN_MODELS",
     "CANONICAL_CLASSES",
     "METADATA_PREFIX",
     "OUTSIDE_LABEL",
+    "SHIPPED_INT8_MODEL",
     "SHIPPED_MODEL",
     "ModelError",
     "ModelLoadError",
@@ -36,6 +38,7 @@ __all__ = [
     "check_against_recipe",
     "decode_metadata",
     "load_model",
+    "resolve_model",
 ]
 
 # DESIGN.md's canonical class names and label values (the daemon never imports the simulator's copy).
@@ -46,6 +49,9 @@ OUTSIDE_LABEL = 255
 METADATA_PREFIX = "kintsugi."
 # The model the daemon and `kintsugi segment` use unless told otherwise (recipe `model = "builtin"`).
 SHIPPED_MODEL = Path(__file__).parent / "models" / "kintsugi-unet.onnx"
+# Its int8 twin (`kintsugi quantize`, scripts/quantize_shipped_model.sh): recipe `model = "builtin-int8"`.
+SHIPPED_INT8_MODEL = Path(__file__).parent / "models" / "kintsugi-unet-int8.onnx"
+BUILTIN_MODELS = {"builtin": SHIPPED_MODEL, "builtin-int8": SHIPPED_INT8_MODEL}
 # A recipe pixel size further than this from the training data's is a different image scale.
 PIXEL_SIZE_TOLERANCE = 0.20
 
@@ -88,6 +94,8 @@ class ModelSpec(BaseModel):
     halo: int = Field(ge=0)  # receptive-field radius: context each kept pixel needs
     stride: int = Field(ge=1)  # input H and W must be multiples of it
     layout: Literal["NCHW", "NHWC"]
+    # Peak activation memory per input pixel, measured at export; the tiler sizes tiles from it.
+    activation_bytes_per_px: int | None = Field(default=None, gt=0)
     training: dict[str, Any] = Field(default_factory=dict)
     version: str = "unspecified"
 
@@ -273,6 +281,11 @@ def _check_graph(path: Path, spec: ModelSpec, session: ort.InferenceSession) -> 
         fixed_shape=fixed,
         max_batch=_dim(inp.shape[0]),
     )
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A recipe's `model`: a built-in name (`builtin`, `builtin-int8`) or a path to an ONNX file."""
+    return BUILTIN_MODELS.get(str(name), Path(name))
 
 
 def load_model(

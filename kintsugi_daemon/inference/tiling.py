@@ -7,8 +7,14 @@ whole-image result (not just close to it):
 - every tile origin and size is a multiple of the network's stride, so pooling groups the same pixels in
   every tile as in the whole image (the halo is rounded up to the stride for this).
 The last tile of a row or column is shifted back to end at the image edge rather than padded beyond it,
-so little work is wasted on padding; images smaller than one tile get one smaller tile when the graph
-accepts any size.
+so little work is wasted on padding.
+
+Tile size. A graph with a fixed input size gets tiles of that size. A graph that accepts any size gets
+tiles planned from the frame and a memory budget: the fewest, largest tiles whose activations fit the
+budget, choosing the split that pushes the fewest pixels through the network. The halos are the only
+waste, so one whole-frame tile (1536 x 1024 plus 48 px halos: 1.16x the frame's pixels) beats the
+network's nominal 512 px tiles (2.0x) when memory allows; a tighter budget splits the frame into strips
+or a grid, still seamless.
 """
 
 from __future__ import annotations
@@ -29,17 +35,27 @@ from kintsugi_daemon.inference.contract import (
 )
 
 __all__ = [
+    "DEFAULT_ACTIVATION_BYTES_PER_PX",
     "DEFAULT_BATCH",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
     "Segmentation",
+    "TilePlan",
     "TiledModel",
     "normalise",
+    "plan_tiles",
     "segment",
     "segment_array",
     "segment_async",
     "standardise",
 ]
 
-DEFAULT_BATCH = 4  # tiles per run call: amortises call overhead, keeps activations to tens of MB
+DEFAULT_BATCH = 4  # tiles per run call when tiles are small: amortises the per-call overhead
+DEFAULT_MEMORY_BUDGET_BYTES = 2 << 30  # activations of one run call; a support PC has 16-64 GB
+# Peak activation memory per input pixel when a model does not declare `kintsugi.activation_bytes_per_px`:
+# the shipped U-Net (16-32-64-128 channels, float32) peaks at 410-530 B/px (RSS growth of one call,
+# 512^2 to 1632 x 1120 inputs); 600 leaves a margin for a slightly wider network.
+DEFAULT_ACTIVATION_BYTES_PER_PX = 600
+_MAX_TILES_PER_AXIS = 64
 
 
 @dataclass(frozen=True)
@@ -107,16 +123,76 @@ class _Axis:
     pad_after: int  # reflect padding past the image end, beyond the halo
 
 
-def _plan_axis(size: int, tile: int, halo: int, stride: int, fixed: bool) -> _Axis:
-    if not fixed:
-        # One smaller tile is enough for a small image: no need to run the network on padding.
-        tile = min(tile, _round_up(size, stride) + 2 * halo)
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles go and how many run in one call; `overhead` = network pixels / image pixels."""
+
+    y: _Axis
+    x: _Axis
+    batch: int
+
+    @property
+    def tiles(self) -> int:
+        return len(self.y.starts) * len(self.x.starts)
+
+    def overhead(self, h: int, w: int) -> float:
+        return self.tiles * self.y.tile * self.x.tile / (h * w)
+
+
+def _axis(size: int, tile: int, halo: int, stride: int) -> _Axis:
     core = tile - 2 * halo
     extent = max(_round_up(size, stride), core)  # what the cores must cover, on the stride grid
     n = math.ceil(extent / core)
     last = extent - core  # a multiple of the stride: the shifted last tile stays on the pooling grid
     starts = tuple(sorted({min(i * core, last) for i in range(n)}))
     return _Axis(tile=tile, core=core, starts=starts, pad_after=extent - size)
+
+
+def _split(extent: int, parts: int, halo: int, stride: int) -> int:
+    """Tile side (halos included) that covers `extent` in `parts` cores on the stride grid."""
+    return _round_up(-(-extent // parts), stride) + 2 * halo
+
+
+def plan_tiles(
+    model: TiledModel,
+    h: int,
+    w: int,
+    *,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    batch_size: int = DEFAULT_BATCH,
+) -> TilePlan:
+    """Tile an h x w frame for `model` within the memory budget (see the module docstring)."""
+    if memory_budget_bytes <= 0:
+        raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
+    spec = model.spec
+    halo, stride = spec.effective_halo, spec.stride
+    per_px = spec.activation_bytes_per_px or DEFAULT_ACTIVATION_BYTES_PER_PX
+    if model.fixed_shape:
+        ay = _axis(h, model.tile_hw[0], halo, stride)
+        ax = _axis(w, model.tile_hw[1], halo, stride)
+    else:
+        budget_px = memory_budget_bytes // per_px
+        ey, ex = _round_up(h, stride), _round_up(w, stride)
+        best: tuple[int, int, int, int] | None = None  # (network pixels, tiles, tile_y, tile_x)
+        for ny in range(1, min(_MAX_TILES_PER_AXIS, -(-ey // stride)) + 1):
+            ty = _split(ey, ny, halo, stride)
+            for nx in range(1, min(_MAX_TILES_PER_AXIS, -(-ex // stride)) + 1):
+                tx = _split(ex, nx, halo, stride)
+                if ty * tx > budget_px:
+                    continue  # more columns shrink the tile: keep looking along x
+                cost = (ny * nx * ty * tx, ny * nx, ty, tx)
+                if best is None or cost < best:
+                    best = cost
+                break  # more columns than the fewest that fit only add halos
+        if best is None:
+            # Not even the smallest grid fits: the network's own tile size, whatever the budget says.
+            ty = tx = model.tile_hw[0]
+        else:
+            _, _, ty, tx = best
+        ay, ax = _axis(h, ty, halo, stride), _axis(w, tx, halo, stride)
+    per_call = max(1, memory_budget_bytes // max(1, ay.tile * ax.tile * per_px))
+    batch = max(1, min(batch_size, per_call, model.max_batch or batch_size))
+    return TilePlan(y=ay, x=ax, batch=batch)
 
 
 def _pad(x: np.ndarray, halo: int, ay: _Axis, ax: _Axis) -> np.ndarray:
@@ -145,13 +221,18 @@ def segment(
     *,
     batch_size: int = DEFAULT_BATCH,
     keep_probabilities: bool = False,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> Segmentation:
     """Segment one slice from its detector images (uint16 greys, keyed by detector name).
 
     Synchronous and CPU-bound: the daemon calls `segment_async`, which runs it in a worker thread.
     """
     return segment_array(
-        model, normalise(model, images), batch_size=batch_size, keep_probabilities=keep_probabilities
+        model,
+        normalise(model, images),
+        batch_size=batch_size,
+        keep_probabilities=keep_probabilities,
+        memory_budget_bytes=memory_budget_bytes,
     )
 
 
@@ -161,13 +242,14 @@ def segment_array(
     *,
     batch_size: int = DEFAULT_BATCH,
     keep_probabilities: bool = False,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> Segmentation:
     """Segment a normalised float32 [C, H, W] input (the model's channels in order)."""
     spec = model.spec
     _, h, w = x.shape
     halo = spec.effective_halo
-    ay = _plan_axis(h, model.tile_hw[0], halo, spec.stride, model.fixed_shape)
-    ax = _plan_axis(w, model.tile_hw[1], halo, spec.stride, model.fixed_shape)
+    plan = plan_tiles(model, h, w, memory_budget_bytes=memory_budget_bytes, batch_size=batch_size)
+    ay, ax = plan.y, plan.x
     padded = _pad(x, halo, ay, ax)
     k = len(spec.classes)
     hp, wp = h + ay.pad_after, w + ax.pad_after
@@ -178,10 +260,8 @@ def segment_array(
     ent = np.empty((hp, wp), np.float32)
     probs = np.empty((k, hp, wp), np.float32) if keep_probabilities else None
     log_k = np.float32(math.log(k)) if k > 1 else np.float32(1)
-    if model.max_batch is not None:
-        batch_size = min(batch_size, model.max_batch)
     tiles = [(y0, x0) for y0 in ay.starts for x0 in ax.starts]
-    for group in _batches(tiles, max(1, batch_size)):
+    for group in _batches(tiles, plan.batch):
         batch = np.stack([padded[:, y0 : y0 + ay.tile, x0 : x0 + ax.tile] for y0, x0 in group])
         logits = model.run(batch)[:, :, halo : halo + ay.core, halo : halo + ax.core]
         p = _softmax(np.array(logits, np.float32))
@@ -211,8 +291,14 @@ async def segment_async(
     *,
     batch_size: int = DEFAULT_BATCH,
     keep_probabilities: bool = False,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> Segmentation:
     """`segment` off the event loop (onnxruntime releases the GIL while it computes)."""
     return await asyncio.to_thread(
-        segment, model, images, batch_size=batch_size, keep_probabilities=keep_probabilities
+        segment,
+        model,
+        images,
+        batch_size=batch_size,
+        keep_probabilities=keep_probabilities,
+        memory_budget_bytes=memory_budget_bytes,
     )

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kintsugi_daemon.inference.contract import (
     CANONICAL_CLASSES,
+    SHIPPED_MODEL,
     ModelLoadError,
     ModelMismatch,
     ModelSpec,
@@ -36,7 +37,12 @@ from kintsugi_daemon.inference.metrics import (
 )
 from kintsugi_daemon.inference.overlay import overlay, save_overlay
 from kintsugi_daemon.inference.session import available_cpus
-from kintsugi_daemon.inference.tiling import segment, segment_async
+from kintsugi_daemon.inference.tiling import (
+    DEFAULT_ACTIVATION_BYTES_PER_PX,
+    plan_tiles,
+    segment,
+    segment_async,
+)
 from tests.support.onnx_models import CLASSES, PX, build_threshold_model, save, spec_dict
 
 
@@ -283,21 +289,31 @@ def whole_image_probabilities(model_path: Path, images: dict[str, np.ndarray], s
     return softmax(model.run(xp[None])[0][:, :h, :w])
 
 
+# A budget that admits only ~96 x 96 px tiles (the tiler's default per-pixel cost): forces a grid.
+SMALL_TILES = 96 * 96 * DEFAULT_ACTIVATION_BYTES_PER_PX
+
+
 def test_tiled_inference_is_seamless(unet: Path) -> None:
     images = random_images((203, 250))
     model = load_model(unet)
-    seg = segment(model, images, keep_probabilities=True, batch_size=3)
+    assert plan_tiles(model, 203, 250, memory_budget_bytes=SMALL_TILES).tiles >= 12
+    seg = segment(model, images, keep_probabilities=True, batch_size=3, memory_budget_bytes=SMALL_TILES)
     ref = whole_image_probabilities(unet, images)
     assert seg.probabilities is not None
     halo = model.spec.effective_halo
     inner = (slice(None), slice(halo, -halo), slice(halo, -halo))
-    # 5 x 6 tiles of 48-px centres: any seam would show here.
+    # A grid of small centres: any seam would show here.
     assert np.abs(seg.probabilities[inner] - ref[inner]).max() < 1e-5
     labels_ref = np.array([CANONICAL_CLASSES[c] for c in CLASSES], np.uint8)[ref.argmax(axis=0)]
     assert np.array_equal(seg.labels[inner[1:]], labels_ref[inner[1:]])
     np.testing.assert_allclose(seg.max_probability, seg.probabilities.max(axis=0), rtol=1e-6)
     # The test can see seams: without the halo, tile edges lack context and the results differ.
-    no_halo = segment(load_model(unet, override={"halo": 0}), images, keep_probabilities=True)
+    no_halo = segment(
+        load_model(unet, override={"halo": 0}),
+        images,
+        keep_probabilities=True,
+        memory_budget_bytes=SMALL_TILES,
+    )
     assert no_halo.probabilities is not None
     assert np.abs(no_halo.probabilities[inner] - ref[inner]).max() > 1e-2
 
@@ -313,6 +329,22 @@ def test_odd_and_small_sizes(unet: Path, shape: tuple[int, int]) -> None:
     assert (seg.max_probability >= 1 / 5 - 1e-6).all() and (seg.max_probability <= 1 + 1e-6).all()
     assert (seg.entropy >= 0).all() and (seg.entropy <= 1).all()
     assert seg.probabilities is None  # not kept unless asked for
+
+
+def test_tile_plan_follows_frame_and_budget() -> None:
+    """The shipped model on a 1536 x 1024 frame: <= 1.2x the frame's pixels through the network by
+    default (one tile), a seamless grid when the budget is tight, and a clear error for no budget."""
+    model = load_model(SHIPPED_MODEL, threads=1)
+    roomy = plan_tiles(model, 1024, 1536)
+    assert roomy.tiles == 1 and roomy.overhead(1024, 1536) <= 1.2
+    per_px = model.spec.activation_bytes_per_px or DEFAULT_ACTIVATION_BYTES_PER_PX
+    tight = plan_tiles(model, 1024, 1536, memory_budget_bytes=600 * 600 * per_px)
+    assert tight.tiles > 1 and tight.y.tile * tight.x.tile <= 600 * 600
+    assert tight.overhead(1024, 1536) < 2.0  # still better than the nominal 512 px tiles
+    for axis in (tight.y, tight.x):
+        assert axis.tile % model.spec.stride == 0 and all(s % model.spec.stride == 0 for s in axis.starts)
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        plan_tiles(model, 1024, 1536, memory_budget_bytes=0)
 
 
 def test_small_image_matches_whole_image(unet: Path) -> None:
@@ -490,22 +522,6 @@ def test_overlay_preview(tmp_path: Path) -> None:
 
 # CBS grey / 65535 per class at auto C/B under the simulator's physics (tilt-law yields at the face).
 CBS_CENTRES = {"pore": 0.90, "unfilled_pore": 0.05, "active": 0.54, "cbd": 0.21, "collector": 0.41}
-
-
-@pytest.fixture(scope="module")
-def sim_dataset(tmp_path_factory: pytest.TempPathFactory, sim_cache: Path) -> Path:
-    out = tmp_path_factory.mktemp("segment-ds")
-    env = {"PATH": "/usr/bin:/bin", "KINTSUGI_SIM_CACHE": str(sim_cache), "HOME": str(sim_cache)}
-    args = ["--slices", "3", "--seed", "5", "--width-px", "160", "--height-px", "128"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulator.cli", "dataset", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out / "with-pt"
 
 
 def kintsugi(*args: str | Path) -> subprocess.CompletedProcess[str]:
