@@ -27,6 +27,7 @@ from kintsugi_daemon.inference.contract import (
     SegmentationModel,
     check_against_recipe,
     load_model,
+    resolve_model,
 )
 from kintsugi_daemon.inference.datasets import (
     DatasetError,
@@ -84,7 +85,7 @@ def _open_model(path: Path | None, threads: int | None) -> SegmentationModel:
                 f"FILE.onnx, or train one with `kintsugi train DATA --out {SHIPPED_MODEL}`"
             )
         path = SHIPPED_MODEL
-    return load_model(path, threads=threads)
+    return load_model(resolve_model(path), threads=threads)
 
 
 def _progress(done: int, total: int, item: SliceItem, seconds: float, miou: float | None) -> None:
@@ -238,7 +239,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--truth", type=Path, help="ground-truth label TIFF for --image input")
     p.add_argument("--out", type=Path, required=True, help="folder for the label TIFFs")
-    p.add_argument("--model", type=Path, help=f"ONNX model (default: the shipped {SHIPPED_MODEL.name})")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help=f"ONNX model, or builtin / builtin-int8 (default: the shipped {SHIPPED_MODEL.name})",
+    )
     p.add_argument("--threads", type=int, help="inference threads (default: the CPUs this process may use)")
     p.add_argument("--pixel-size-m", type=float, help="pixel size, checked against the model's")
     p.add_argument("--overlay", action="store_true", help="also write a colour overlay PNG per slice")
