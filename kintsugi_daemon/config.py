@@ -254,9 +254,11 @@ class ImagingSettings(Strict):
 
 class SegmentationSettings(Strict):
     enabled: bool = True
-    model: str = "builtin"  # or a path to an ONNX file
+    model: str = "builtin"  # "builtin-int8" (the int8 twin) or a path to an ONNX file
     # Inference threads; default: the CPUs the daemon may use (its affinity) but one (inference/session.py).
     threads: int | None = Field(default=None, ge=1, le=256)
+    # Activations of one inference call; the tiler plans the fewest, largest tiles that fit (tiling.py).
+    memory_budget_mb: int = Field(default=2048, ge=64, le=1 << 20)
     # The model contract for a model exported without kintsugi.* metadata (Avizo, say), or overrides of
     # it: classes, channels, normalisation, pixel_size_m, tile, halo, stride, layout (inference/contract.py).
     metadata: dict[str, Any] | None = None

@@ -19,9 +19,9 @@ from typing import Any
 import structlog
 
 from kintsugi_daemon.inference.contract import (
-    SHIPPED_MODEL,
     SegmentationModel,
     check_against_recipe,
+    resolve_model,
 )
 from kintsugi_daemon.inference.contract import load_model as load_segmentation_model
 from kintsugi_daemon.inference.metrics import slice_metrics
@@ -66,7 +66,7 @@ class SegmentationPipeline:
         Kept between runs only while the next recipe names the same model: a run that names another
         (or a missing) one loads and checks that one, and every run is checked against its own recipe."""
         seg = run.recipe.segmentation
-        path = SHIPPED_MODEL if seg.model == "builtin" else Path(seg.model)
+        path = resolve_model(seg.model)
         key = (str(path), json.dumps(seg.metadata, sort_keys=True), seg.threads)
         if self._model is None or self._model_key != key:
             self._model, self._model_key = None, None
@@ -118,7 +118,8 @@ class SegmentationPipeline:
             if images is None:  # a restart: read the slice back from disk
                 images = await asyncio.to_thread(_read_images, storage.run_dir, storage.read_slice(index))
             t0 = time.monotonic()
-            result = await asyncio.to_thread(run_segmentation, model, images)
+            budget = recipe.segmentation.memory_budget_mb << 20
+            result = await asyncio.to_thread(run_segmentation, model, images, memory_budget_bytes=budget)
             infer_s = time.monotonic() - t0
             metrics = await asyncio.to_thread(
                 slice_metrics,

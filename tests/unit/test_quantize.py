@@ -88,3 +88,18 @@ def test_quantize_cli_bad_input(tmp_path: Path, sim_dataset: Path) -> None:
     )
     assert same.returncode == 2 and "--out must differ" in same.stderr
     assert json.loads((sim_dataset / "dataset.json").read_text())["slices"]  # the data is untouched
+
+
+def test_builtin_int8_is_shipped_and_meets_the_recipe_contract() -> None:
+    from kintsugi_daemon.config import ConfigError, parse_recipe
+    from kintsugi_daemon.inference.contract import SHIPPED_INT8_MODEL, check_against_recipe, resolve_model
+
+    base = '[run]\nname = "r"\nslices = 1\nslice_thickness_m = 4e-8\n[roi]\nwidth_m = 4e-5\nheight_m = 3e-5\n'
+    recipe = parse_recipe(base + '[segmentation]\nmodel = "builtin-int8"\nmemory_budget_mb = 256\n')
+    assert resolve_model(recipe.segmentation.model) == SHIPPED_INT8_MODEL
+    model = load_model(resolve_model(recipe.segmentation.model), threads=1)
+    img = recipe.imaging
+    check_against_recipe(model.spec, img.detectors, ["pore", "active"], img.pixel_size_m)
+    assert resolve_model("models/mine.onnx") == Path("models/mine.onnx")
+    with pytest.raises(ConfigError, match="memory_budget_mb"):
+        parse_recipe(base + "[segmentation]\nmemory_budget_mb = 1\n")
