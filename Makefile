@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 BRIDGE_STAMP := $(VENV)/.bridge-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 
-.PHONY: demo test lint bench bench-render bench-specimen bench-daemon bench-memory bench-mqtt bench-segmentation bench-inference dataset clean
+.PHONY: demo test lint bench bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation dataset clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,22 +32,19 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## benchmarks: print their figures (see README)
-bench: bench-render bench-specimen bench-daemon bench-memory bench-mqtt bench-segmentation bench-inference
+bench: bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation
 
-bench-daemon: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_daemon
+bench-serve: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_serve
 
-bench-memory: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_daemon --memory
+bench-idle: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_idle
 
 bench-mqtt: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_mqtt
 
 bench-segmentation: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_segmentation --quick
-
-bench-inference: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_inference
 
 bench-render: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_render
