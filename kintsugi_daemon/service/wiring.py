@@ -214,10 +214,11 @@ class Service:
         )
 
     def _overlay_path(self) -> Path | None:
-        """The latest slice's overlay PNG on disk, if it has one."""
-        run, latest = self.controller.run, self.controller.latest_slice
-        rel = (latest or {}).get("files", {}).get("overlay")
-        return run.storage.run_dir / rel if run is not None and rel else None
+        """The latest slice's overlay PNG on disk, if it has one (also once its run has ended: the last
+        slice's segmentation often finishes after the run's last step)."""
+        latest = self.controller.latest_slice or {}
+        rel = latest.get("files", {}).get("overlay")
+        return self.settings.data_root / str(latest["run_id"]) / rel if rel and latest.get("run_id") else None
 
     async def _retained_publisher(self) -> None:
         """The one publisher of the retained topics. A state change marks them dirty; a burst of changes

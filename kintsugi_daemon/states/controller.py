@@ -89,6 +89,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._guards: Guards | None = None
         self.latest = LatestState(instrument)
+        self._final_progress: dict[str, Any] | None = None
         self._guard_task: asyncio.Task[None] | None = None
         self.completions = Completions(journal)
 
@@ -154,7 +155,9 @@ class Controller:
         }
 
     def progress(self) -> dict[str, Any] | None:
-        return None if self.run is None else progress(self.run, self.step)
+        """The run's progress; after it ends, its final figures (until the next run) so the retained
+        topic never stays at a slice the publisher's coalescing skipped."""
+        return self._final_progress if self.run is None else progress(self.run, self.step)
 
     # --- start-up and recovery --------------------------------------------------------------------
 
@@ -409,6 +412,7 @@ class Controller:
         with self.journal.transaction():
             self.completions.flush()
         record_finish(self.journal, run, how, {"how": how, "slices": run.next_slice, "total": run.total})
+        self._final_progress = progress(run, None)
         await self.fire("finish", reason=how, event_type="done", data={"slices": run.next_slice})
         self.step = None
         self.run = None

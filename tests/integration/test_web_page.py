@@ -4,6 +4,7 @@ own process subscribed as the read-only monitor. Screenshots land in `test-artif
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -223,9 +224,13 @@ async def test_page_serves_overlays_from_the_preview_topic_without_the_run_direc
         await stack.operator().command("start", {"recipe": recipe(str(model))})
         await stack.wait_path("done")
         async with httpx.AsyncClient(base_url=url) as http:
-            state = (await http.get("api/state")).json()["instruments"][stack.instrument_id]
-            with_overlay = [r["slice"] for r in state["slices"] if r["overlay"]]
-            assert with_overlay and with_overlay[-1] == SLICES - 1, state["slices"]
+            # The last slice's preview may follow `done` by a publish cycle: wait for it, bounded.
+            with_overlay: list[int] = []
+            async with asyncio.timeout(10):
+                while not with_overlay or with_overlay[-1] != SLICES - 1:
+                    await asyncio.sleep(0.1)
+                    state = (await http.get("api/state")).json()["instruments"][stack.instrument_id]
+                    with_overlay = [r["slice"] for r in state["slices"] if r["overlay"]]
             slices = f"api/instruments/{stack.instrument_id}/slices"
             png = await http.get(f"{slices}/{with_overlay[-1]}/overlay.png")
             assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
