@@ -42,6 +42,7 @@ __all__ = [
     "load_recipe",
     "load_settings",
     "parse_recipe",
+    "read_secret",
 ]
 
 ENV_PREFIX = "KINTSUGI_"
@@ -58,6 +59,19 @@ class Strict(BaseModel):
 PositiveM = Annotated[float, Field(gt=0)]
 
 # --- daemon settings --------------------------------------------------------------------------------
+
+
+def read_secret(path: Path, key: str) -> str:
+    """A password or token from its file (stripped); a missing, unreadable or empty file is a ConfigError
+    naming the key and the file."""
+    try:
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{key}: cannot read {path}: {reason}") from None
+    if not secret:
+        raise ConfigError(f"{key}: {path} is empty")
+    return secret
 
 
 class MqttSettings(Strict):
@@ -79,7 +93,7 @@ class MqttSettings(Strict):
 
     def resolved_password(self) -> str | None:
         if self.password_file is not None:
-            return self.password_file.read_text().strip()
+            return read_secret(self.password_file, "mqtt.password_file")
         return self.password
 
 
@@ -91,7 +105,7 @@ class InstrumentSettings(Strict):
 
     def resolved_token(self) -> str | None:
         if self.token_file is not None:
-            return self.token_file.read_text().strip()
+            return read_secret(self.token_file, "instrument.token_file")
         return self.token
 
 

@@ -21,7 +21,7 @@ from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.service.journal import Journal
-from tests.support.mqtt_broker import USERS, Broker, mosquitto_available
+from tests.support.mqtt_broker import Broker, mosquitto_available, secret
 from tests.support.simulator import SimStarter
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
@@ -78,8 +78,8 @@ data_root = "{self.root / "runs"}"
 [mqtt]
 host = "127.0.0.1"
 port = {self.broker.port}
-username = "daemon"
-password = "{USERS["daemon"]}"
+username = "{INSTRUMENT_ID}"
+password = "{secret(INSTRUMENT_ID)}"
 keepalive_s = 5
 
 [instrument]
@@ -94,7 +94,7 @@ level = "info"
 
     def operator(self) -> Operator:
         mqtt = MqttSettings(
-            host="127.0.0.1", port=self.broker.port, username="operator", password=USERS["operator"]
+            host="127.0.0.1", port=self.broker.port, username="operator", password=secret("operator")
         )
         return Operator(mqtt, INSTRUMENT_ID)
 
@@ -128,7 +128,7 @@ level = "info"
 
 @pytest.fixture
 async def drill(start_sim: SimStarter, tmp_path: Path) -> AsyncIterator[Drill]:
-    broker = Broker(tmp_path / "broker")
+    broker = Broker(tmp_path / "broker", [INSTRUMENT_ID])
     broker.start()
     try:
         async with start_sim("--time-scale", "0.15", "--test-endpoints") as sim:
@@ -198,7 +198,7 @@ async def test_broker_outage_mid_run_loses_no_event(drill: Drill) -> None:
                     "127.0.0.1",
                     drill.broker.port,
                     username="monitor",
-                    password=USERS["monitor"],
+                    password=secret("monitor"),
                     identifier="drill-monitor",
                     clean_session=False,
                 ) as client:
@@ -239,7 +239,9 @@ async def test_operator_command_line(drill: Drill) -> None:
     settings = drill.settings_file()
     recipe_file = drill.root / "run.toml"
     recipe_file.write_text(RECIPE)
-    creds = ["--config", str(settings), "--username", "operator", "--password", USERS["operator"]]
+    password_file = drill.root / "operator.password"
+    password_file.write_text(secret("operator") + "\n")
+    creds = ["--config", str(settings), "--username", "operator", "--password-file", str(password_file)]
 
     async def kintsugi(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -267,6 +269,11 @@ async def test_operator_command_line(drill: Drill) -> None:
         bad.write_text(RECIPE.replace("slices = 3", "slices = -3"))
         code, _, err = await kintsugi("start", str(bad), *creds)
         assert code == 2 and "run.slices" in err  # checked locally; never reaches the daemon
+        # No secret on a command line: --password is refused with the ways that work instead.
+        code, _, err = await kintsugi("status", "--config", str(settings), "--password", "x")
+        assert code == 2 and "--password-file" in err and "KINTSUGI_MQTT__PASSWORD" in err
+        code, _, err = await kintsugi("status", "--config", str(settings), "--username", "operator")
+        assert code == 2 and "no password for MQTT user 'operator'" in err  # not the daemon's, silently
     finally:
         daemon.send_signal(signal.SIGTERM)
         await asyncio.wait_for(daemon.wait(), 30)
