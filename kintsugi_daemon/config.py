@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kintsugi_daemon.drivers.base import DetectorName, IonSpecies
+from kintsugi_daemon.drivers.base import (
+    MIN_LAYER_M,
+    MIN_PATTERN_M,
+    DetectorName,
+    IonCurrent,
+    IonSpecies,
+    ProbeCurrent,
+)
 
 __all__ = [
     "AdaptSettings",
@@ -224,26 +231,26 @@ class RunSettings(Strict):
 class RegionOfInterest(Strict):
     center_x_m: float = Field(default=0.0, ge=-1e-3, le=1e-3)
     center_y_m: float = Field(default=0.0, ge=-1e-3, le=1e-3)
-    width_m: float = Field(gt=0, le=1e-3)
-    height_m: float = Field(gt=0, le=1e-3)
+    width_m: float = Field(ge=MIN_PATTERN_M, le=1e-3)
+    height_m: float = Field(ge=MIN_PATTERN_M, le=1e-3)
 
 
 class PtSettings(Strict):
     every_slices: int = Field(default=1, ge=0, le=10_000)  # 0: never re-deposit
-    thickness_m: float = Field(default=100e-9, gt=0, le=10e-6)
+    thickness_m: float = Field(default=100e-9, ge=MIN_LAYER_M, le=10e-6)
     beam: Literal["electron", "ion"] = "electron"
     gis_temperature_k: float = Field(default=303.0, ge=293.0, le=333.0)
 
 
 class MillSettings(Strict):
     species: IonSpecies = "xe"
-    current_a: float = Field(default=15e-9, gt=0, le=2.5e-6)
+    current_a: IonCurrent = 15e-9
     application: Literal["si", "c", "al", "pt"] = "si"
     pattern: Literal["cleaning_cross_section", "rectangle", "spin_mill"] = "cleaning_cross_section"
 
 
 class PolishSettings(Strict):
-    current_a: float = Field(default=1e-9, gt=0, le=2.5e-6)
+    current_a: IonCurrent = 1e-9
     passes: int = Field(default=1, ge=0, le=10)  # 0: no polish step
     rocking_deg: float = Field(default=0.0, ge=0.0, le=15.0)
 
@@ -256,7 +263,7 @@ class ImagingSettings(Strict):
     dwell_s: float = Field(default=3e-6, ge=25e-9, le=1e-3)
     line_integration: int = Field(default=1, ge=1, le=255)
     voltage_v: float = Field(default=5_000.0, ge=350, le=30_000)
-    current_a: float = Field(default=5e-9, gt=0, le=1e-7)
+    current_a: ProbeCurrent = 5e-9
     y_correction: bool = True  # follow the receding face with beam shift (cross-section)
 
     @model_validator(mode="after")
