@@ -185,6 +185,7 @@ class DaemonSettings(Strict):
     instrument_id: str = Field(default="hydra-01", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     data_root: Path = Path("/var/lib/kintsugi/runs")
     journal_path: Path | None = None  # default: <data_root>/journal.sqlite
+    recipes_dir: Path | None = None  # `start` may name a recipe here (<name>.toml); None: inline only
     mqtt: MqttSettings = MqttSettings()
     instrument: InstrumentSettings = InstrumentSettings()
     logging: LoggingSettings = LoggingSettings()
