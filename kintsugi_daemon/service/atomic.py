@@ -17,6 +17,8 @@ from typing import IO, Any
 import numpy as np
 import tifffile
 
+from kintsugi_daemon.service import failpoints
+
 __all__ = ["fsync_dir", "write_atomic", "write_json_atomic", "write_tiff_atomic"]
 
 
@@ -45,6 +47,7 @@ def write_atomic(
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
+            failpoints.hit("file_write")  # drills: killed with the temp file written, not yet renamed
             os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         if no_clobber:

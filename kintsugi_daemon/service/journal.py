@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kintsugi_daemon.service import failpoints
+
 __all__ = [
     "SCHEMA_VERSION",
     "EventDraft",
@@ -258,6 +260,7 @@ class Journal:
             self._conn.execute("ROLLBACK")
             raise
         else:
+            failpoints.hit("journal_commit")  # drills: killed inside the transaction, before COMMIT
             self._conn.execute("COMMIT")
         finally:
             self._depth = 0
