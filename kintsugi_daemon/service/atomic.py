@@ -45,9 +45,8 @@ def write_atomic(
     os.close(fd)  # reopened by name: tifffile wants a file object with a path
     try:
         with open(tmp, "wb") as fh:
-            write(fh)
+            write(failpoints.tearing(fh, "file_write"))  # drills: torn half-way, then killed
             fh.flush()
-            failpoints.hit("file_write")  # drills: killed with the temp file written, not yet renamed
             os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         if no_clobber:
