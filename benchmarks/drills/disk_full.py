@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ class DiskFullReport:
     resumed: bool = False
     run_state: str = ""
     corrupt_after: int = -1
+    journal_integrity: str = ""
     temps_after: int = -1
     daemon_exit: int | None = None
     seconds_to_suspend: float = 0.0
@@ -116,6 +118,8 @@ async def disk_full_drill(root: Path, *, filling: str = "low", slices: int = 5) 
                 view = await r.operator().snapshot()
                 report.run_state = str((view.status or {}).get("path"))
                 report.temps_after, _, report.corrupt_after = inspect_run_dir(run_dir)
+                with contextlib.closing(sqlite3.connect(disk / "runs" / "journal.sqlite")) as db:
+                    report.journal_integrity = str(db.execute("PRAGMA integrity_check").fetchone()[0])
             finally:
                 if daemon.returncode is None:
                     daemon.terminate()

@@ -20,6 +20,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,63 +70,64 @@ def _fresh(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"command_id": uuid.uuid4().hex, "sent_at": time.time(), **(extra or {})}
 
 
+def _raw_defects() -> dict[str, Callable[[random.Random], bytes]]:
+    """Payloads that are not a command at all."""
+    return {
+        "bytes": lambda rng: rng.randbytes(rng.randint(0, 200)),
+        "not_object": lambda rng: json.dumps(rng.choice([[1, 2], "abort", 42, None, True])).encode(),
+        "nan": lambda rng: b'{"command_id": "' + uuid.uuid4().hex.encode() + b'", "sent_at": NaN}',
+    }
+
+
+def _body_defects(recipe: str) -> dict[str, Callable[[dict[str, Any], random.Random], str | None]]:
+    """One defect each, written into a valid body; returns the verb to send it to, if it must be one."""
+
+    def put(
+        key: str, value: Any, verb: str | None = None
+    ) -> Callable[[dict[str, Any], random.Random], str | None]:
+        def apply(body: dict[str, Any], _: random.Random) -> str | None:
+            body[key] = value
+            return verb
+
+        return apply
+
+    def drop(key: str) -> Callable[[dict[str, Any], random.Random], str | None]:
+        return lambda body, _: body.pop(key) and None
+
+    return {
+        "no_command_id": drop("command_id"),
+        "bad_command_id": lambda b, r: put(
+            "command_id", r.choice(["short", 12345678, "x" * 65, "a b c d e"])
+        )(b, r),
+        "no_sent_at": drop("sent_at"),
+        "unknown_field": lambda b, r: put(r.choice(["speed", "force", "recipe_pathx", "now!"]), 1)(b, r),
+        "wrong_type": lambda b, r: put("now", r.choice(["yes", 1, None, [True]]), "pause")(b, r),
+        "stale": lambda b, r: put("sent_at", time.time() - r.uniform(61, 1e6))(b, r),
+        "future": lambda b, r: put("sent_at", time.time() + r.uniform(11, 1e6))(b, r),
+        "unknown_verb": lambda b, r: r.choice(["reboot", "vent", "ä", "START", "start_now", "x" * 40]),
+        "recipe_path": lambda b, r: put(
+            "recipe_path", r.choice(["/etc/passwd", "/etc/kintsugi/daemon.toml"]), "start"
+        )(b, r),
+        "recipe_name_traversal": lambda b, r: put(
+            "recipe_name", r.choice(["../daemon", "/etc/passwd", ".."]), "start"
+        )(b, r),
+        "forbidden_start": put("recipe", recipe, "start"),  # valid, but a run is on (paused)
+        "oversized": put("pad", "x" * 70_000),
+    }
+
+
 def _one(rng: random.Random, recipe: str) -> tuple[str, str, bytes]:
     """(kind, verb, payload): one command with exactly one defect. (A retained command is not among them:
     the broker forwards a live publish with the retain flag cleared, so only a replay on reconnect can
     be refused as retained; tests/integration/test_mqtt.py covers that.)"""
+    raw, defects = _raw_defects(), _body_defects(recipe)
+    kind = rng.choice([*raw, *defects])
     verb = rng.choice(VERBS)
-    kind = rng.choice(
-        [
-            "bytes",
-            "not_object",
-            "nan",
-            "no_command_id",
-            "bad_command_id",
-            "no_sent_at",
-            "unknown_field",
-            "wrong_type",
-            "stale",
-            "future",
-            "unknown_verb",
-            "recipe_path",
-            "recipe_name_traversal",
-            "forbidden_start",
-            "oversized",
-        ]
-    )
-    body: Any = _fresh()
-    if kind == "bytes":
-        return kind, verb, rng.randbytes(rng.randint(0, 200))
-    if kind == "not_object":
-        return kind, verb, json.dumps(rng.choice([[1, 2], "abort", 42, None, True])).encode()
-    if kind == "nan":
-        return kind, "pause", b'{"command_id": "' + uuid.uuid4().hex.encode() + b'", "sent_at": NaN}'
-    if kind == "no_command_id":
-        del body["command_id"]
-    elif kind == "bad_command_id":
-        body["command_id"] = rng.choice(["short", 12345678, "x" * 65, "has space in it", "../../etc"])
-    elif kind == "no_sent_at":
-        del body["sent_at"]
-    elif kind == "unknown_field":
-        body[rng.choice(["speed", "force", "recipe_pathx", "now!"])] = 1
-    elif kind == "wrong_type":
-        verb = "pause"
-        body["now"] = rng.choice(["yes", 1, None, [True]])
-    elif kind == "stale":
-        body["sent_at"] = time.time() - rng.uniform(61, 1e6)
-    elif kind == "future":
-        body["sent_at"] = time.time() + rng.uniform(11, 1e6)
-    elif kind == "unknown_verb":
-        verb = rng.choice(["reboot", "vent", "ä", "START", "start_now", "x" * 40])
-    elif kind == "recipe_path":
-        verb, body["recipe_path"] = "start", rng.choice(["/etc/passwd", "/etc/kintsugi/daemon.toml"])
-    elif kind == "recipe_name_traversal":
-        verb, body["recipe_name"] = "start", rng.choice(["../daemon", "/etc/passwd", "..", ".hidden"])
-    elif kind == "forbidden_start":
-        verb, body["recipe"] = "start", recipe  # valid, but a run is on (paused)
-    elif kind == "oversized":
-        body["pad"] = "x" * 70_000
-    if verb == "start" and kind not in ("recipe_path", "recipe_name_traversal", "forbidden_start"):
+    if kind in raw:
+        return kind, verb, raw[kind](rng)
+    body = _fresh()
+    verb = defects[kind](body, rng) or verb
+    if verb == "start" and "recipe" not in body and "recipe_path" not in body and "recipe_name" not in body:
         body["recipe"] = recipe  # so only the chosen defect is wrong
     return kind, verb, json.dumps(body).encode()
 
@@ -169,39 +171,12 @@ async def fuzz_drill(root: Path, *, commands: int, seed: int = 0) -> FuzzReport:
             journal = Journal(r.data_root / "journal.sqlite", "inspector")
             run_before = journal.active_run()
 
-            replies = _Replies()
-            expected = 0
-            unauthorised_ids: list[str] = []
             t0 = time.monotonic()
-            async with _connect(r, "operator") as op:
-                await op.subscribe(f"kintsugi/v1/{INSTRUMENT_ID}/cmd/+/reply", qos=1)
-                listen = asyncio.create_task(replies.collect(op))
-                intruders = {u: await _enter(_connect(r, u)) for u in UNAUTHORISED}
-                try:
-                    for i in range(commands):
-                        kind, verb, payload = _one(rng, recipe)
-                        await op.publish(f"kintsugi/v1/{INSTRUMENT_ID}/cmd/{verb}", payload, qos=1)
-                        expected += 1
-                        report.kinds[kind] += 1
-                        if i % 10 == 0:
-                            body = _fresh()
-                            unauthorised_ids.append(body["command_id"])
-                            user = UNAUTHORISED[(i // 10) % len(UNAUTHORISED)]
-                            await intruders[user].publish(
-                                f"kintsugi/v1/{INSTRUMENT_ID}/cmd/abort", json.dumps(body), qos=1
-                            )
-                    report.sent, report.unauthorised = expected, len(unauthorised_ids)
-                    replies.expect(expected)
-                    with contextlib.suppress(TimeoutError):  # a missing reply shows in `unanswered`
-                        await asyncio.wait_for(replies.all_in.wait(), REPLY_WAIT_S)
-                finally:
-                    listen.cancel()
-                    for client in intruders.values():
-                        await client.__aexit__(None, None, None)
+            replies, unauthorised_ids = await _flood(r, rng, recipe, commands, report)
             report.wall_s = time.monotonic() - t0
             report.replies = len(replies.seen)
             report.accepted = sum(1 for reply in replies.seen if reply.get("accepted"))
-            report.unanswered = expected - len(replies.seen)
+            report.unanswered = report.sent - len(replies.seen)
             answered = {reply.get("command_id") for reply in replies.seen}
             report.reached_daemon_unauthorised = sum(
                 1 for cid in unauthorised_ids if cid in answered or journal.command_reply(cid) is not None
@@ -220,6 +195,40 @@ async def fuzz_drill(root: Path, *, commands: int, seed: int = 0) -> FuzzReport:
             daemon.terminate()
             await asyncio.wait_for(daemon.wait(), 60)
     return report
+
+
+async def _flood(
+    r: Rig, rng: random.Random, recipe: str, commands: int, report: FuzzReport
+) -> tuple[_Replies, list[str]]:
+    """Send the fuzzed commands as the operator and, every tenth, a valid `abort` as an intruder; wait
+    (bounded) for the replies. Returns the replies and the intruders' command ids."""
+    replies = _Replies()
+    unauthorised_ids: list[str] = []
+    async with _connect(r, "operator") as op:
+        await op.subscribe(f"kintsugi/v1/{INSTRUMENT_ID}/cmd/+/reply", qos=1)
+        listen = asyncio.create_task(replies.collect(op))
+        intruders = {u: await _enter(_connect(r, u)) for u in UNAUTHORISED}
+        try:
+            for i in range(commands):
+                kind, verb, payload = _one(rng, recipe)
+                await op.publish(f"kintsugi/v1/{INSTRUMENT_ID}/cmd/{verb}", payload, qos=1)
+                report.kinds[kind] += 1
+                if i % 10 == 0:
+                    body = _fresh()
+                    unauthorised_ids.append(body["command_id"])
+                    user = UNAUTHORISED[(i // 10) % len(UNAUTHORISED)]
+                    await intruders[user].publish(
+                        f"kintsugi/v1/{INSTRUMENT_ID}/cmd/abort", json.dumps(body), qos=1
+                    )
+            report.sent, report.unauthorised = commands, len(unauthorised_ids)
+            replies.expect(commands)
+            with contextlib.suppress(TimeoutError):  # a missing reply shows in `unanswered`
+                await asyncio.wait_for(replies.all_in.wait(), REPLY_WAIT_S)
+        finally:
+            listen.cancel()
+            for client in intruders.values():
+                await client.__aexit__(None, None, None)
+    return replies, unauthorised_ids
 
 
 async def _enter(client: aiomqtt.Client) -> aiomqtt.Client:

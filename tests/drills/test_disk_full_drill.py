@@ -25,9 +25,9 @@ def _can_mount(tmp_path: Path) -> str | None:
 async def test_disk_full_suspends_and_resumes(tmp_path: Path, filling: str) -> None:
     """low: less free space than the guard asks for; zero: none at all, so a write or a journal commit
     hits ENOSPC mid-step. Both: suspended with the disk alert, no corrupt file, resumed when the space
-    came back, the run done. Mutations seen red: (low) the disk guard's reading ignored; (zero) the
-    disk-full handling in the controller removed (the run faults, or the daemon dies on SQLite's
-    'database or disk is full')."""
+    came back, the run done, the journal intact. Mutation seen red: (zero) without the controller's
+    disk-full handling (states/disk.py: the reserve, ENOSPC and SQLite "database or disk is full" taken
+    as the disk guard) the run loop died on the error and the daemon never said suspended."""
     reason = _can_mount(tmp_path)
     if reason is not None:
         pytest.skip(reason)
@@ -37,4 +37,5 @@ async def test_disk_full_suspends_and_resumes(tmp_path: Path, filling: str) -> N
     assert report.files_checked > 0 and report.corrupt_at_full == 0
     assert report.resumed and report.run_state == "done", report
     assert report.corrupt_after == 0 and report.temps_after == 0
+    assert report.journal_integrity == "ok"
     assert report.daemon_exit == 0, report.log_tail

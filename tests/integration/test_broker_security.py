@@ -22,11 +22,11 @@ import aiomqtt
 import pytest
 
 from kintsugi_daemon.cli.remote import Operator
-from kintsugi_daemon.config import MqttSettings as OperatorMqtt
+from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.demo.broker_acl import ALL, Access, acl_text
 from kintsugi_daemon.demo.broker_acl import main as acl_main
 from kintsugi_daemon.service.journal import Journal
-from kintsugi_daemon.service.mqtt_link import MqttLink, MqttSettings
+from kintsugi_daemon.service.mqtt_link import MqttLink
 from tests.integration.test_mqtt import Daemon
 from tests.support.mqtt_broker import Broker, mosquitto_available, secret
 
@@ -232,14 +232,9 @@ async def test_daemon_and_operator_over_tls(tls_site: tuple[Broker, Path, Path],
     daemon = Daemon(path="idle")
     link = MqttLink(
         MqttSettings(
-            instrument_id=A,
-            host=broker.host,
-            port=broker.port,
-            username=A,
-            password=secret(A),
-            tls=True,
-            ca_file=ca,
+            host=broker.host, port=broker.port, username=A, password=secret(A), tls=True, ca_file=ca
         ),
+        A,
         journal,
         status_provider=daemon.status,
         description_provider=daemon.description,
@@ -250,7 +245,7 @@ async def test_daemon_and_operator_over_tls(tls_site: tuple[Broker, Path, Path],
         async with asyncio.timeout(WAIT_S):
             await link.wait_connected()
         operator = Operator(
-            OperatorMqtt(
+            MqttSettings(
                 host=broker.host,
                 port=broker.port,
                 username="operator",
@@ -273,7 +268,7 @@ async def test_daemon_and_operator_over_tls(tls_site: tuple[Broker, Path, Path],
 async def test_tls_refuses_a_client_with_the_wrong_ca(tls_site: tuple[Broker, Path, Path]) -> None:
     broker, ca, wrong_ca = tls_site
     wrong = Operator(
-        OperatorMqtt(
+        MqttSettings(
             host=broker.host,
             port=broker.port,
             username="operator",
@@ -286,7 +281,7 @@ async def test_tls_refuses_a_client_with_the_wrong_ca(tls_site: tuple[Broker, Pa
     with pytest.raises(aiomqtt.MqttError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
         await wrong.snapshot(WAIT_S)
     plain = Operator(
-        OperatorMqtt(host=broker.host, port=broker.port, username="operator", password=secret("operator")), A
+        MqttSettings(host=broker.host, port=broker.port, username="operator", password=secret("operator")), A
     )
     with pytest.raises(aiomqtt.MqttError):  # no TLS at all: the listener speaks nothing else
         await plain.snapshot(WAIT_S)
