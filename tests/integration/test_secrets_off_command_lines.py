@@ -64,3 +64,65 @@ def test_simulator_unit_takes_its_token_from_a_credential_file() -> None:
     assert "LoadCredential=token:/etc/kintsugi/sim.token" in unit
     assert exec_start.endswith("--token-file ${CREDENTIALS_DIRECTORY}/token")
     assert "--token " not in exec_start and "TOKEN=" not in unit
+
+
+def test_operator_password_is_asked_on_a_terminal(tmp_path: Path) -> None:
+    """`kintsugi status --username operator` on a terminal, with no password file or variable: it asks,
+    reads the password without echo, and uses it (the broker accepts it: the retained status comes back)."""
+    import json
+    import os
+    import pty
+    import select
+    import time
+
+    import paho.mqtt.publish as publish
+
+    from tests.support.mqtt_broker import Broker, mosquitto_available, secret
+
+    if not mosquitto_available():
+        pytest.skip("mosquitto is not installed")
+    instrument = "hydra-tty"
+    with Broker(tmp_path / "broker", [instrument]) as broker:
+        status = {"state": "online", "path": "idle", "session": "s", "since": 1.0, "ts": time.time()}
+        publish.single(
+            f"kintsugi/v1/{instrument}/status",
+            json.dumps(status),
+            qos=1,
+            retain=True,
+            hostname=broker.host,
+            port=broker.port,
+            auth={"username": instrument, "password": secret(instrument)},
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KINTSUGI_MQTT__")} | {
+            "KINTSUGI_INSTRUMENT_ID": instrument,
+            "KINTSUGI_MQTT__PORT": str(broker.port),
+        }
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the CLI on a terminal
+            os.execve(
+                sys.executable,
+                [sys.executable, "-m", "kintsugi_daemon.cli", "status", "--json", "--username", "operator"],
+                env,
+            )
+        out = b""
+        answered = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break  # the child closed the terminal: it has exited
+            if not chunk:
+                break
+            out += chunk
+            if not answered and b"MQTT password for operator:" in out:
+                os.write(fd, secret("operator").encode() + b"\n")
+                answered = True
+        _, code = os.waitpid(pid, 0)
+    assert answered, out
+    assert secret("operator").encode() not in out  # not echoed
+    assert os.waitstatus_to_exitcode(code) == 0, out
+    assert b'"path": "idle"' in out
