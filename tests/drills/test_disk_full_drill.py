@@ -25,7 +25,8 @@ def _can_mount(tmp_path: Path) -> str | None:
 async def test_disk_full_suspends_and_resumes(tmp_path: Path, filling: str) -> None:
     """low: less free space than the guard asks for; zero: none at all, so a write or a journal commit
     hits ENOSPC mid-step. Both: suspended with the disk alert, no corrupt file, resumed when the space
-    came back, the run done, the journal intact. Mutation seen red: (zero) without the controller's
+    came back, the run done, the journal intact. Mutations seen red: the disk guard's reading forced
+    clear (guards.py: both fillings fault instead of suspending); and (zero) without the controller's
     disk-full handling (states/disk.py: the reserve, ENOSPC and SQLite "database or disk is full" taken
     as the disk guard) the run loop died on the error and the daemon never said suspended."""
     reason = _can_mount(tmp_path)
