@@ -2,7 +2,7 @@
 printed as a table (the README's are from this command). CI runs the same drills at smaller counts
 (tests/drills/).
 
-    python -m benchmarks.drills [--kills 20] [--slices 16] [--commands 10000] [--only sigkill,fuzz,disk]
+    python -m benchmarks.drills [--kills 20] [--slices 24] [--commands 10000] [--only sigkill,fuzz,disk]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python -m benchmarks.drills", description=__doc__)
     p.add_argument("--kills", type=int, default=20, help="random SIGKILL points (after the 4 chosen)")
-    p.add_argument("--slices", type=int, default=16)
+    p.add_argument("--slices", type=int, default=24)  # long enough for 20 random kills to land in it
     p.add_argument("--commands", type=int, default=10_000)
     p.add_argument("--only", default="sigkill,fuzz,disk")
     if mosquitto_binaries() is None:

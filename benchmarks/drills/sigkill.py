@@ -264,9 +264,9 @@ async def sigkill_drill(
             try:
                 view = await _until_settled(r)
                 _after_reopen(report, _temps(r))
-                if (view.status or {}).get("path") == "paused":
+                if (view.status or {}).get("path") == "paused":  # else the run already finished
                     assert (await r.operator().command("resume"))["accepted"]
-                await r.wait_for("done", timeout_s=300)
+                    await r.wait_for("done", timeout_s=300)
             finally:
                 daemon.terminate()
                 await asyncio.wait_for(daemon.wait(), 60)
