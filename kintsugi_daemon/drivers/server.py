@@ -116,6 +116,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     413: {"model": ErrorBody, "description": f"invalid_request: body larger than {MAX_BODY_BYTES} bytes"},
     422: {"model": ErrorBody, "description": "invalid_request: detail.field names the offending field"},
+    501: {
+        "model": ErrorBody,
+        "description": "unsupported: no such verb on this instrument (EDX on a bridge)",
+    },
     502: {"model": ErrorBody, "description": "comms_lost: the server lost its link to the instrument"},
     503: {"model": ErrorBody, "description": "instrument_fault: the instrument refused or failed"},
     504: {

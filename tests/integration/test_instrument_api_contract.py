@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess
-from kintsugi_daemon.drivers.server import ERROR_RESPONSES
+from kintsugi_daemon.drivers.server import _STATUS, ERROR_RESPONSES
 from tests.support.simulator import SimStarter, auth
 
 AREA = {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 12e-6, "height_m": 10e-6}
@@ -41,11 +41,12 @@ async def test_openapi_declares_the_bearer_scheme_and_every_error(sim: Simulator
     for path, methods in spec["paths"].items():
         for method, operation in methods.items():
             assert operation["security"] == [{"HTTPBearer": []}], (method, path)
-            for status in ("401", "409", "413", "422", "502", "503", "504"):
+            for status in ("401", "409", "413", "422", "501", "502", "503", "504"):
                 body = operation["responses"][status]["content"]["application/json"]["schema"]
                 assert body == {"$ref": error_ref}, (method, path, status)
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # FastAPI's own 422 shape is not ours
-    assert {str(s) for s in ERROR_RESPONSES} == {"401", "409", "413", "422", "502", "503", "504"}
+    # Every status an instrument error maps to (and 413 from the body guard) is documented.
+    assert set(ERROR_RESPONSES) == {*_STATUS.values(), 413}
 
 
 @pytest.mark.parametrize(
