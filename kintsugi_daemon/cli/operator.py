@@ -29,7 +29,7 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
         "--password-file",
         type=Path,
         default=None,
-        help="file with the operator's MQTT password (else [operator], KINTSUGI_OPERATOR__PASSWORD, or asked)",
+        help="file with the operator's MQTT password (else [operator], $KINTSUGI_OPERATOR__PASSWORD, asked)",
     )
     # Refused with a reason rather than unknown: a password on a command line is readable by every
     # local user (ps, /proc/*/cmdline) and lands in shell history.

@@ -222,9 +222,9 @@ async def test_operator_command_line(drill: Drill) -> None:
         assert code == 2 and "run.slices" in err  # checked locally; never reaches the daemon
         # No secret on a command line: --password is refused with the ways that work instead.
         code, _, err = await kintsugi("status", "--config", str(settings), "--password", "x")
-        assert code == 2 and "--password-file" in err and "KINTSUGI_MQTT__PASSWORD" in err
+        assert code == 2 and "--password-file" in err and "KINTSUGI_OPERATOR__PASSWORD" in err
         code, _, err = await kintsugi("status", "--config", str(settings), "--username", "operator")
-        assert code == 2 and "no password for MQTT user 'operator'" in err  # not the daemon's, silently
+        assert code == 1 and "as user 'operator' refused the login" in err  # never the daemon's password
     finally:
         daemon.send_signal(signal.SIGTERM)
         await asyncio.wait_for(daemon.wait(), 30)
