@@ -21,7 +21,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from kintsugi_daemon.cli.remote import Operator
+from kintsugi_daemon.cli.remote import Operator, OperatorError
 from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.demo.broker_acl import ALL, Access, acl_text
 from kintsugi_daemon.demo.broker_acl import main as acl_main
@@ -278,12 +278,12 @@ async def test_tls_refuses_a_client_with_the_wrong_ca(tls_site: tuple[Broker, Pa
         ),
         A,
     )
-    with pytest.raises(aiomqtt.MqttError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+    with pytest.raises(OperatorError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
         await wrong.snapshot(WAIT_S)
     plain = Operator(
         MqttSettings(host=broker.host, port=broker.port, username="operator", password=secret("operator")), A
     )
-    with pytest.raises(aiomqtt.MqttError):  # no TLS at all: the listener speaks nothing else
+    with pytest.raises(OperatorError):  # no TLS at all: the listener speaks nothing else
         await plain.snapshot(WAIT_S)
     # The right CA, for contrast: the same client connects (nothing else about it was wrong).
     context = ssl.create_default_context(cafile=str(ca))
