@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 BRIDGE_STAMP := $(VENV)/.bridge-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 
-.PHONY: demo test lint bench bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation dataset clean
+.PHONY: demo test lint bench bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills dataset clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## benchmarks: print their figures (see README)
-bench: bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation
+bench: bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_serve
@@ -45,6 +45,10 @@ bench-mqtt: $(STAMP)
 
 bench-segmentation: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_segmentation --quick
+
+## the drills at full counts (20 random SIGKILLs, 10,000 fuzzed commands, disk full on a tmpfs: needs root)
+bench-drills: $(STAMP)
+	$(BIN)/python -m benchmarks.drills $(ARGS)
 
 bench-render: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_render

@@ -23,14 +23,15 @@ from pathlib import Path
 import aiomqtt
 
 from kintsugi_daemon.config import MqttSettings
-from kintsugi_daemon.demo.broker import ROLES, LocalBroker, mosquitto_binaries
+from kintsugi_daemon.demo.broker import Access, LocalBroker, mosquitto_binaries
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.service.messages import Command, CommandReply, Description, Status, Topics
 from kintsugi_daemon.service.mqtt_link import MqttLink
 
 LATENCY_P99_TARGET_MS = 20.0
 INSTRUMENT = "bench"
-USERS: dict[str, str] = {user: f"{user}-bench-secret" for user in ROLES}
+ACCESS = Access.single_site([INSTRUMENT])
+USERS: dict[str, str] = {user: f"{user}-bench-secret" for user in ACCESS.users}
 
 
 @dataclass
@@ -83,11 +84,13 @@ async def _refuse(verb: str, command: Command) -> CommandReply:
 @asynccontextmanager
 async def setup(directory: Path) -> AsyncIterator[tuple[LocalBroker, Journal, MqttLink, Subscriber]]:
     # Mosquitto only, persistence on: the outage figure needs its persistent sessions across a restart.
-    broker = LocalBroker(directory / "broker", embedded=False, passwords=USERS, persistence=True)
+    broker = LocalBroker(
+        directory / "broker", embedded=False, access=ACCESS, passwords=USERS, persistence=True
+    )
     broker.start()
     journal = Journal(directory / "journal.sqlite", session="bench")
     link = MqttLink(
-        MqttSettings(host=broker.host, port=broker.port, username="daemon", password=USERS["daemon"]),
+        MqttSettings(host=broker.host, port=broker.port, username=INSTRUMENT, password=USERS[INSTRUMENT]),
         INSTRUMENT,  # default LinkTuning backoff (0.5 .. 10 s): the replay time after an outage includes it
         journal,
         status_provider=lambda: Status(state="online", path="running.mill", session="bench", ts=time.time()),

@@ -40,13 +40,14 @@ import psutil
 from benchmarks.bench_idle import intersect, length, minus, union
 from kintsugi_daemon.cli.remote import Operator
 from kintsugi_daemon.config import MqttSettings
-from kintsugi_daemon.demo.broker import ROLES, LocalBroker
+from kintsugi_daemon.demo.broker import Access, LocalBroker
 from kintsugi_daemon.demo.simulator_process import start_simulator
 from kintsugi_daemon.service.messages import Topics
 from kintsugi_daemon.service.profiling import PROFILE_ENV
 
 INSTRUMENT = "bench-serve"
-USERS = {user: f"{user}-bench-secret" for user in ROLES}
+ACCESS = Access.single_site([INSTRUMENT])
+USERS = {user: f"{user}-bench-secret" for user in ACCESS.users}
 RECIPE = """
 [run]
 name = "bench-serve"
@@ -82,8 +83,8 @@ data_root = "{root / "runs"}"
 [mqtt]
 host = "127.0.0.1"
 port = {broker.port}
-username = "daemon"
-password = "{USERS["daemon"]}"
+username = "{INSTRUMENT}"
+password = "{USERS[INSTRUMENT]}"
 [instrument]
 url = "{url}"
 token = "{token}"
@@ -98,7 +99,7 @@ async def one_run(slices: int, width: int, height: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "runs").mkdir()
-        broker = LocalBroker(root / "broker", embedded=False, passwords=USERS)
+        broker = LocalBroker(root / "broker", embedded=False, access=ACCESS, passwords=USERS)
         broker.start()
         try:
             sim_args = ["--time-scale", "0", "--slices", str(slices), "--width-px", str(width)]

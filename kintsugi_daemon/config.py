@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kintsugi_daemon.drivers.base import DetectorName, IonSpecies
+from kintsugi_daemon.drivers.base import (
+    MIN_LAYER_M,
+    MIN_PATTERN_M,
+    DetectorName,
+    IonCurrent,
+    IonSpecies,
+    ProbeCurrent,
+)
 
 __all__ = [
     "AdaptSettings",
@@ -42,6 +49,7 @@ __all__ = [
     "load_recipe",
     "load_settings",
     "parse_recipe",
+    "read_secret",
 ]
 
 ENV_PREFIX = "KINTSUGI_"
@@ -58,6 +66,19 @@ class Strict(BaseModel):
 PositiveM = Annotated[float, Field(gt=0)]
 
 # --- daemon settings --------------------------------------------------------------------------------
+
+
+def read_secret(path: Path, key: str) -> str:
+    """A password or token from its file (stripped); a missing, unreadable or empty file is a ConfigError
+    naming the key and the file."""
+    try:
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{key}: cannot read {path}: {reason}") from None
+    if not secret:
+        raise ConfigError(f"{key}: {path} is empty")
+    return secret
 
 
 class MqttSettings(Strict):
@@ -79,7 +100,7 @@ class MqttSettings(Strict):
 
     def resolved_password(self) -> str | None:
         if self.password_file is not None:
-            return self.password_file.read_text().strip()
+            return read_secret(self.password_file, "mqtt.password_file")
         return self.password
 
 
@@ -91,7 +112,7 @@ class InstrumentSettings(Strict):
 
     def resolved_token(self) -> str | None:
         if self.token_file is not None:
-            return self.token_file.read_text().strip()
+            return read_secret(self.token_file, "instrument.token_file")
         return self.token
 
 
@@ -164,6 +185,7 @@ class DaemonSettings(Strict):
     instrument_id: str = Field(default="hydra-01", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     data_root: Path = Path("/var/lib/kintsugi/runs")
     journal_path: Path | None = None  # default: <data_root>/journal.sqlite
+    recipes_dir: Path | None = None  # `start` may name a recipe here (<name>.toml); None: inline only
     mqtt: MqttSettings = MqttSettings()
     instrument: InstrumentSettings = InstrumentSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -210,26 +232,26 @@ class RunSettings(Strict):
 class RegionOfInterest(Strict):
     center_x_m: float = Field(default=0.0, ge=-1e-3, le=1e-3)
     center_y_m: float = Field(default=0.0, ge=-1e-3, le=1e-3)
-    width_m: float = Field(gt=0, le=1e-3)
-    height_m: float = Field(gt=0, le=1e-3)
+    width_m: float = Field(ge=MIN_PATTERN_M, le=1e-3)
+    height_m: float = Field(ge=MIN_PATTERN_M, le=1e-3)
 
 
 class PtSettings(Strict):
     every_slices: int = Field(default=1, ge=0, le=10_000)  # 0: never re-deposit
-    thickness_m: float = Field(default=100e-9, gt=0, le=10e-6)
+    thickness_m: float = Field(default=100e-9, ge=MIN_LAYER_M, le=10e-6)
     beam: Literal["electron", "ion"] = "electron"
     gis_temperature_k: float = Field(default=303.0, ge=293.0, le=333.0)
 
 
 class MillSettings(Strict):
     species: IonSpecies = "xe"
-    current_a: float = Field(default=15e-9, gt=0, le=2.5e-6)
+    current_a: IonCurrent = 15e-9
     application: Literal["si", "c", "al", "pt"] = "si"
     pattern: Literal["cleaning_cross_section", "rectangle", "spin_mill"] = "cleaning_cross_section"
 
 
 class PolishSettings(Strict):
-    current_a: float = Field(default=1e-9, gt=0, le=2.5e-6)
+    current_a: IonCurrent = 1e-9
     passes: int = Field(default=1, ge=0, le=10)  # 0: no polish step
     rocking_deg: float = Field(default=0.0, ge=0.0, le=15.0)
 
@@ -242,7 +264,7 @@ class ImagingSettings(Strict):
     dwell_s: float = Field(default=3e-6, ge=25e-9, le=1e-3)
     line_integration: int = Field(default=1, ge=1, le=255)
     voltage_v: float = Field(default=5_000.0, ge=350, le=30_000)
-    current_a: float = Field(default=5e-9, gt=0, le=1e-7)
+    current_a: ProbeCurrent = 5e-9
     y_correction: bool = True  # follow the receding face with beam shift (cross-section)
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from kintsugi_daemon.config import read_secret
 from kintsugi_daemon.drivers.base import InvalidRequest
 from kintsugi_daemon.drivers.server import build_app, check_bind, listen_socket, serve
 from simulator.dataset import export_dataset
@@ -52,7 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a simulated Helios Hydra over the instrument API")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8780, help="0 picks a free port (printed on the ready line)")
-    s.add_argument("--token", default=None, help=f"bearer token (or ${TOKEN_ENV}); required beyond loopback")
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the bearer token (or ${TOKEN_ENV}); a token is required beyond loopback",
+    )
+    # Refused with a reason: a token on a command line is readable by every local user (ps).
+    s.add_argument("--token", default=None, help=argparse.SUPPRESS)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--preset", choices=sorted(PRESETS), default="96:2:2")
     s.add_argument("--geometry", choices=["cross_section", "planar"], default="cross_section")
@@ -107,7 +115,15 @@ def _progress_line(fraction: float) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.token is not None:
+        raise ValueError(
+            "--token is not accepted (every local user can read a command line): "
+            f"use --token-file FILE or ${TOKEN_ENV}"
+        )
+    # Given a token file, a missing or empty one is an error: never serve unauthenticated by accident.
+    token = (
+        read_secret(args.token_file, "--token-file") if args.token_file else os.environ.get(TOKEN_ENV) or None
+    )
     check_bind(args.host, token)
     faults = [parse_fault_flag(f) for f in args.fault]
     for spec in faults:

@@ -143,6 +143,13 @@ class SimulatedDualBeam(ImagingVerbs):
     async def deposit_pt(self, request: DepositRequest, *, deadline_s: float | None = None) -> DepositResult:
         async with self._operation("deposit_pt"):
             self._require_vacuum("deposit_pt")
+            if request.gis_temperature_k < GIS_MIN_OPERATING_K:
+                # Asked for, not failed: the request is wrong, the instrument is fine (422, not 503).
+                raise InvalidRequest(
+                    f"deposit_pt: the Pt precursor needs >= {GIS_MIN_OPERATING_K:.0f} K, "
+                    f"asked for {request.gis_temperature_k:.1f} K",
+                    detail={"field": "gis_temperature_k"},
+                )
             heater_failed = self.faults.active("gis_heater_failure", time.monotonic())
             reached = AMBIENT_K if heater_failed else request.gis_temperature_k
             self._gis = GisState(inserted=True, heater_on=True, temperature_k=reached, valve_open=False)
@@ -256,10 +263,11 @@ class SimulatedDualBeam(ImagingVerbs):
             self._mill_checks("mill", request.species)
             end_m = (self.specimen.materials.shape[0] - 1) * self.voxel_m
             if self._face.position_m + request.slice_thickness_m > end_m:
-                raise InstrumentFault(
+                # A request beyond what the specimen holds, like a beam shift beyond its limit: 422.
+                raise InvalidRequest(
                     f"mill: the simulated specimen ends at {end_m * 1e6:.2f} um of milling; "
                     "start kintsugi-sim with more --slices",
-                    detail={"verb": "mill", "face_position_m": self._face.position_m},
+                    detail={"field": "slice_thickness_m", "face_position_m": self._face.position_m},
                 )
             current = request.current_a * self._current_factor()
             scatter = 0.06 + 0.04 * math.sqrt(request.current_a / 15e-9)

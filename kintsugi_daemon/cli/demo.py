@@ -27,9 +27,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.add_argument(
         "--broker",
         default=None,
-        metavar="mqtt://[USER:PASS@]HOST:PORT",
-        help="use this broker instead of starting one; the credentials serve the daemon and the demo's "
-        "operator (a broker with per-role ACLs takes the daemon's from KINTSUGI_MQTT__USERNAME/PASSWORD)",
+        metavar="mqtt://[USER@]HOST:PORT",
+        help="use this broker instead of starting one; USER is the demo's operator, its password in "
+        "$KINTSUGI_DEMO_BROKER_PASSWORD (never in the URL); the daemon's identity comes from "
+        "KINTSUGI_MQTT__USERNAME/PASSWORD, and its user name is the run's instrument id",
     )
     d.add_argument("--width-px", type=int, default=DemoOptions.width_px)
     d.add_argument("--height-px", type=int, default=DemoOptions.height_px)

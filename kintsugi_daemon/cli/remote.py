@@ -159,7 +159,7 @@ class Operator:
         if code in _NOT_AUTHORISED:
             return (
                 f"{self._who} refused the login ({exc}). Check the operator's credentials: --username and "
-                "--password, [operator] username/password(_file) in the config, or "
+                "--password-file, [operator] username/password(_file) in the config, or "
                 "KINTSUGI_OPERATOR__USERNAME / KINTSUGI_OPERATOR__PASSWORD; the broker's password file must "
                 "know that user"
             )

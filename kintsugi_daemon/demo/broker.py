@@ -5,8 +5,10 @@ own (never the system broker on 1883). Without it, an embedded amqtt broker run 
 (`python -m kintsugi_daemon.demo.broker --embedded ...`) with the same users and ACL, so the daemon and its
 operators are real MQTT clients over TCP either way.
 
-Three roles, as in production (deploy/mosquitto/kintsugi.acl): the daemon writes its own topic tree and
-reads commands; an operator reads everything and writes commands; a monitor only reads.
+Users and ACL as in production (`broker_acl.Access`, deploy/mosquitto/kintsugi.acl): each daemon's user
+name is its instrument id and it writes only that instrument's topic tree; an operator writes commands to
+the instruments granted to them; a monitor only reads. By default one `operator` and one `monitor` are
+granted every instrument given.
 
 With `persistence=True` (Mosquitto only; the tests and benchmarks use it) `stop()` is a clean SIGTERM, so
 the broker saves its persistence file and persistent sessions (clean_session=False subscribers, with
@@ -28,13 +30,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
 
+from kintsugi_daemon.demo.broker_acl import Access, acl_text, amqtt_rules
+
 __all__ = [
-    "ROLES",
+    "Access",
     "BrokerError",
     "LocalBroker",
     "acl_text",
@@ -46,43 +50,11 @@ __all__ = [
 
 BrokerKind = Literal["mosquitto", "embedded"]
 
-_ROOT = "kintsugi/v1/+"
-_DAEMON_WRITES = (
-    "status",
-    "description",
-    "progress",
-    "events/#",
-    "slices/#",
-    "metrics",
-    "alerts/#",
-    "cmd/+/reply",
-)
-# user -> (topics it may publish, topic filters it may subscribe to). Operators may not write replies:
-# those come from the daemon alone, so a reply can be trusted.
-# Home Assistant's discovery configs (optional, service/home_assistant.py) live under its own prefix.
-_HA_CONFIGS = "homeassistant/+/+/+/config"
-ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "daemon": ((*(f"{_ROOT}/{t}" for t in _DAEMON_WRITES), _HA_CONFIGS), (f"{_ROOT}/cmd/+",)),
-    "operator": ((f"{_ROOT}/cmd/+",), ("kintsugi/v1/#", _HA_CONFIGS)),
-    "monitor": ((), ("kintsugi/v1/#", _HA_CONFIGS)),
-}
-
 _PR_SET_PDEATHSIG = 1
 
 
 class BrokerError(RuntimeError):
     """The broker could not be started (the message carries its log's tail)."""
-
-
-def acl_text(roles: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = ROLES) -> str:
-    """The roles as a Mosquitto acl_file."""
-    blocks = []
-    for user, (writes, reads) in roles.items():
-        lines = [f"user {user}"]
-        lines += [f"topic write {t}" for t in writes]
-        lines += [f"topic read {t}" for t in reads]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
 
 
 def mosquitto_paths() -> tuple[str, str]:
@@ -137,7 +109,9 @@ class LocalBroker:
     """One private broker: `start()` (or `start_async()`), `stop()` (clean SIGTERM) or `kill()`; also a
     context manager. It may be started again after `stop()`, on the same port.
 
-    `passwords` fixes each role's password (default: random per broker). `persistence` keeps sessions
+    `instruments` are the daemons' identities (user name = instrument id); `access` replaces the default
+    policy (those instruments, an `operator` and a `monitor` for all of them). `passwords` fixes each
+    user's password (default: random per broker). `persistence` keeps sessions
     and queued messages across a stop()/start() and lifts Mosquitto's queue limits, so an outage of any
     length loses nothing for a persistent subscriber; it needs Mosquitto."""
 
@@ -148,9 +122,13 @@ class LocalBroker:
         port: int | None = None,
         host: str = "127.0.0.1",
         embedded: bool | None = None,
+        instruments: Iterable[str] = (),
+        access: Access | None = None,
         passwords: Mapping[str, str] | None = None,
         persistence: bool = False,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        self.access = access or Access.single_site(instruments)
         self.directory = Path(directory)
         self.host = host
         self._fixed_port = port
@@ -163,8 +141,14 @@ class LocalBroker:
         if persistence and self.kind == "embedded":
             raise BrokerError("persistence needs mosquitto (mosquitto and mosquitto_passwd)")
         self.persistence = persistence
+        if tls is not None and self.kind == "embedded":
+            raise BrokerError("tls needs mosquitto (mosquitto and mosquitto_passwd)")
+        self.tls = tls  # (certificate chain, private key) in PEM: the listener speaks MQTT over TLS only
         # Random per broker: nothing outside this folder and the caller can talk to it.
-        self.passwords = dict(passwords or {user: secrets.token_urlsafe(16) for user in ROLES})
+        self.passwords = dict(passwords or {user: secrets.token_urlsafe(16) for user in self.access.users})
+        missing = [user for user in self.access.users if user not in self.passwords]
+        if missing:
+            raise BrokerError(f"no password for broker user {missing[0]!r}")
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -174,8 +158,9 @@ class LocalBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def credentials(self, role: str) -> tuple[str, str]:
-        return role, self.passwords[role]
+    def credentials(self, user: str) -> tuple[str, str]:
+        """(user, password); a daemon's user is its instrument id."""
+        return user, self.passwords[user]
 
     @property
     def log_path(self) -> Path:
@@ -323,17 +308,21 @@ class LocalBroker:
                 [mosquitto_passwd, "-b", str(passwd), user, password], check=True, capture_output=True
             )
         acl = self.directory / "acl"
-        acl.write_text(acl_text())
+        acl.write_text(acl_text(self.access))
         if self.persistence:
             persistence = (
                 f"persistence true\npersistence_location {self.directory}/\n"
                 # Queue everything for offline persistent subscribers: a long outage must not overflow.
-                "max_queued_messages 0\nmax_inflight_messages 0\n"
+                # Not `max_queued_messages 0` (unlimited): Mosquitto 2.0.11 then drops any client whose
+                # QoS 1 publish the ACL denies, which the security tests and drills do on purpose.
+                "max_queued_messages 1000000\nmax_inflight_messages 0\n"
             )
         else:
             persistence = "persistence false\n"
+        tls = f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}\n" if self.tls else ""
         self.config.write_text(
             f"listener {self.port} {self.host}\n"
+            f"{tls}"
             "allow_anonymous false\n"
             f"password_file {passwd}\n"
             f"acl_file {acl}\n"
@@ -352,7 +341,8 @@ class LocalBroker:
         passwd = self.directory / "passwd"
         passwd.write_text("".join(f"{u}:{hasher.hash(p)}\n" for u, p in self.passwords.items()))
         passwd.chmod(0o600)
-        self.config.write_text(json.dumps(_amqtt_config(self.host, self.port, passwd), indent=1))
+        config = _amqtt_config(self.host, self.port, passwd, self.access)
+        self.config.write_text(json.dumps(config, indent=1))
         return [
             sys.executable,
             "-m",
@@ -369,15 +359,12 @@ def _user_name() -> str:
     return getpass.getuser()
 
 
-def _amqtt_config(host: str, port: int, passwd: Path) -> dict[str, Any]:
+def _amqtt_config(host: str, port: int, passwd: Path, access: Access) -> dict[str, Any]:
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         "plugins": {
             "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(passwd)},
-            "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {
-                "acl": {user: list(reads) for user, (_, reads) in ROLES.items()},
-                "publish_acl": {user: list(writes) for user, (writes, _) in ROLES.items()},
-            },
+            "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": amqtt_rules(access),
         },
     }
 

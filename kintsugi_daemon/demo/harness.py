@@ -25,7 +25,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from kintsugi_daemon.cli.remote import DaemonView, Operator
-from kintsugi_daemon.config import MqttSettings, parse_recipe
+from kintsugi_daemon.config import ConfigError, MqttSettings, load_settings, parse_recipe
 from kintsugi_daemon.demo.bridge_process import start_bridge
 from kintsugi_daemon.demo.broker import LocalBroker, child_preexec
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess, start_simulator
@@ -45,6 +45,7 @@ from kintsugi_daemon.inference.contract import SHIPPED_MODEL
 __all__ = ["DemoOptions", "parse_broker_url", "run_demo"]
 
 EMBEDDED_ENV = "KINTSUGI_DEMO_EMBEDDED_BROKER"  # "1": use the embedded broker even if Mosquitto exists
+BROKER_PASSWORD_ENV = "KINTSUGI_DEMO_BROKER_PASSWORD"  # the --broker user's password
 ONLINE_TIMEOUT_S = 60.0
 DAEMON_STOP_TIMEOUT_S = 60.0
 FAULT_ABORT_TIMEOUT_S = 60.0
@@ -85,11 +86,17 @@ class DemoOptions:
             parse_broker_url(self.broker)
 
 
-def parse_broker_url(url: str) -> MqttSettings:
-    """`mqtt://[user:pass@]HOST[:PORT]` -> MQTT settings (port 1883 by default)."""
+def parse_broker_url(url: str, env: Mapping[str, str] | None = None) -> MqttSettings:
+    """`mqtt://[user@]HOST[:PORT]` -> MQTT settings (port 1883 by default). The user's password comes from
+    `$KINTSUGI_DEMO_BROKER_PASSWORD`, never from the URL: a command line is visible to every local user."""
     parts = urlsplit(url)
     if parts.scheme != "mqtt" or not parts.hostname:
-        raise ValueError(f"--broker must look like mqtt://[user:pass@]HOST:PORT, got {url!r}")
+        raise ValueError(f"--broker must look like mqtt://[user@]HOST:PORT, got {url!r}")
+    if parts.password is not None:
+        raise ValueError(
+            f"--broker: put no password in the URL (every local user can read a command line); "
+            f"set ${BROKER_PASSWORD_ENV} instead"
+        )
     try:
         port = parts.port or 1883
     except ValueError:
@@ -98,8 +105,19 @@ def parse_broker_url(url: str) -> MqttSettings:
         host=parts.hostname,
         port=port,
         username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
+        password=(os.environ if env is None else env).get(BROKER_PASSWORD_ENV) or None,
     )
+
+
+def _given_instrument_id() -> str:
+    """The instrument id for a run on a given broker: the daemon's user name from the environment
+    (KINTSUGI_MQTT__USERNAME) when set, since on a shared broker a daemon's identity is its instrument id;
+    else a fresh unique one."""
+    try:
+        user = load_settings(None).mqtt.username
+    except ConfigError:
+        user = None
+    return user or f"demo-{secrets.token_hex(3)}"
 
 
 def _say(message: str) -> None:
@@ -394,6 +412,8 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, sigint)
     t_demo = time.monotonic()
+    # Unique: a shared broker may hold others' topics.
+    instrument_id = _given_instrument_id() if opts.broker else f"demo-{secrets.token_hex(3)}"
     async with contextlib.AsyncExitStack() as stack:
         # --- broker ---
         if opts.broker is not None:
@@ -402,7 +422,9 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
             children.record("broker", None)
         else:
             broker = LocalBroker(
-                demo_dir / "broker", embedded=opts.embedded_broker or os.environ.get(EMBEDDED_ENV) == "1"
+                demo_dir / "broker",
+                embedded=opts.embedded_broker or os.environ.get(EMBEDDED_ENV) == "1",
+                instruments=[instrument_id],
             )
             stack.callback(broker.stop)
             broker.start()  # from the main thread: the broker dies with us (PR_SET_PDEATHSIG)
@@ -413,7 +435,7 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
             if broker.kind == "embedded" and opts.embedded_broker is False and os.environ.get(EMBEDDED_ENV):
                 what = f"embedded amqtt broker ({EMBEDDED_ENV}=1)"
             _say(f"broker: {what} at {broker.url}")
-            user, password = broker.credentials("daemon")
+            user, password = broker.credentials(instrument_id)  # the daemon's identity is its instrument
             daemon_mqtt = MqttSettings(
                 host=broker.host,
                 port=broker.port,
@@ -444,7 +466,6 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
         deadline_scale = 1.0 if opts.bridge else max(opts.time_scale, 0.01)
 
         # --- daemon ---
-        instrument_id = f"demo-{secrets.token_hex(3)}"  # unique: a shared broker may hold others' topics
         settings_path = demo_dir / "settings.toml"
         settings_path.touch(mode=0o600)  # it holds the broker password and the instrument token
         settings_path.write_text(

@@ -19,6 +19,9 @@ __all__ = [
     "API_PREFIX",
     "DEFAULT_DEADLINES_S",
     "MAX_DEADLINE_S",
+    "MIN_DEADLINE_S",
+    "MIN_LAYER_M",
+    "MIN_PATTERN_M",
     "Aborted",
     "AcquireRequest",
     "Acquisition",
@@ -45,10 +48,12 @@ __all__ = [
     "InvalidRequest",
     "IonBeamSettings",
     "IonBeamState",
+    "IonCurrent",
     "IonSpecies",
     "MillRequest",
     "MillResult",
     "PolishRequest",
+    "ProbeCurrent",
     "Rectangle",
     "SafeStateResult",
     "StageMove",
@@ -65,9 +70,17 @@ DetectorName = Literal["cbs", "tld", "etd", "ice"]
 Geometry = Literal["cross_section", "planar"]
 BeamKind = Literal["electron", "ion"]
 
-# Positive, finite floats with a physical ceiling; `allow_inf_nan=False` is on the model config.
-Metres = Annotated[float, Field(gt=0, le=1e-2)]
+# Finite floats with a physical floor and ceiling; `allow_inf_nan=False` is on the model config. The
+# floors refuse degenerate values (5e-324 A, a pattern of zero area) that `gt=0` lets through: below them
+# no instrument can do what was asked, so such a request is a bug or a typo, never a plan.
+MIN_PATTERN_M = 10e-9  # a pattern edge: below the ion probe's size there is no pattern
+MIN_LAYER_M = 1e-9  # a slice or deposit thickness: below one atomic layer
+MIN_BEAM_CURRENT_A = 1e-12  # 1 pA, the smallest current either column sets
+MIN_DEADLINE_S = 1e-3  # no instrument call finishes, or is even sent, faster
+Metres = Annotated[float, Field(ge=MIN_PATTERN_M, le=1e-2)]
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+IonCurrent = Annotated[float, Field(ge=MIN_BEAM_CURRENT_A, le=2.5e-6)]  # Hydra plasma column: 1 pA .. 2.5 uA
+ProbeCurrent = Annotated[float, Field(ge=MIN_BEAM_CURRENT_A, le=1e-7)]  # electron probe: 1 pA .. 100 nA
 
 MAX_FRAME_TIME_S = 3600.0  # one image; longer is a typo (dwell in s instead of us), not a plan
 MAX_EDX_POINTS = 4096 * 4096  # EDX grid points: beyond this the maps alone would not fit in memory
@@ -221,7 +234,7 @@ class GisState(StrictModel):
 
 class IonBeamSettings(StrictModel):
     species: IonSpecies
-    current_a: float = Field(gt=0, le=2.5e-6)  # Hydra plasma column: 1 pA .. 2.5 uA
+    current_a: IonCurrent
     voltage_v: float = Field(ge=500, le=30_000)
 
 
@@ -275,7 +288,7 @@ class Rectangle(StrictModel):
 
 class DepositRequest(StrictModel):
     area: Rectangle
-    thickness_m: float = Field(gt=0, le=10e-6)
+    thickness_m: float = Field(ge=MIN_LAYER_M, le=10e-6)
     beam: BeamKind
     gis_temperature_k: float = Field(default=303.0, ge=293.0, le=333.0)
 
@@ -295,15 +308,15 @@ class MillRequest(StrictModel):
 
     pattern: Literal["cleaning_cross_section", "rectangle", "spin_mill"]
     area: Rectangle
-    slice_thickness_m: float = Field(gt=0, le=2e-6)
-    current_a: float = Field(gt=0, le=2.5e-6)
+    slice_thickness_m: float = Field(ge=MIN_LAYER_M, le=2e-6)
+    current_a: IonCurrent
     species: IonSpecies
     application: Literal["si", "c", "al", "pt"] = "si"
 
 
 class PolishRequest(StrictModel):
     area: Rectangle
-    current_a: float = Field(gt=0, le=2.5e-6)
+    current_a: IonCurrent
     species: IonSpecies
     rocking_deg: float = Field(default=0.0, ge=0.0, le=15.0)
     passes: int = Field(default=1, ge=1, le=10)
@@ -347,7 +360,7 @@ class AcquireRequest(StrictModel):
     dwell_s: float = Field(ge=25e-9, le=1e-3)
     line_integration: int = Field(default=1, ge=1, le=255)
     voltage_v: float = Field(ge=350, le=30_000)
-    current_a: float = Field(gt=0, le=1e-7)
+    current_a: ProbeCurrent
 
     @model_validator(mode="after")
     def _unique_detectors(self) -> AcquireRequest:
@@ -417,11 +430,11 @@ class AutoFunctionResult(StrictModel):
 class EdxRequest(StrictModel):
     elements: list[Literal["Ni", "Al", "Pt", "C", "F", "O", "Mn", "Co"]] = Field(min_length=1)
     voltage_v: float = Field(ge=3_000, le=30_000)
-    current_a: float = Field(gt=0, le=1e-7)
+    current_a: ProbeCurrent
     step_m: float = Field(gt=5e-9, le=1e-6)
-    dwell_s: float = Field(gt=0, le=1e-2)
-    width_m: float = Field(gt=0, le=5e-4)
-    height_m: float = Field(gt=0, le=5e-4)
+    dwell_s: float = Field(ge=25e-9, le=1e-2)  # the scan generator's shortest dwell, as for images
+    width_m: float = Field(ge=MIN_PATTERN_M, le=5e-4)
+    height_m: float = Field(ge=MIN_PATTERN_M, le=5e-4)
 
     def grid_points(self) -> int:
         return max(round(self.width_m / self.step_m), 1) * max(round(self.height_m / self.step_m), 1)

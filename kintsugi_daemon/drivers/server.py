@@ -27,6 +27,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +35,7 @@ from kintsugi_daemon.drivers.base import (
     API_PREFIX,
     DEFAULT_DEADLINES_S,
     MAX_DEADLINE_S,
+    MIN_DEADLINE_S,
     AcquireRequest,
     AutoFunctionRequest,
     AutoFunctionResult,
@@ -61,6 +63,7 @@ from kintsugi_daemon.drivers.tiff_wire import TIFF_MEDIA_TYPE, encode_channels
 
 __all__ = [
     "API_PREFIX",
+    "ERROR_RESPONSES",
     "MAX_BODY_BYTES",
     "MAX_DEADLINE_S",
     "build_app",
@@ -91,9 +94,43 @@ T = TypeVar("T")
 
 
 async def _deadline(
-    x_deadline_s: Annotated[float | None, Header(gt=0, le=MAX_DEADLINE_S)] = None,
+    x_deadline_s: Annotated[
+        float | None,
+        Header(
+            ge=MIN_DEADLINE_S,
+            le=MAX_DEADLINE_S,
+            description="seconds the call may take; past it the server stops the instrument and answers 504",
+        ),
+    ] = None,
 ) -> float | None:
     return x_deadline_s
+
+
+# Every error an instrument verb really answers, each with the project's error body: documented so that
+# clients (and Schemathesis in CI) can hold the server to it.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "unauthorized: missing or wrong bearer token"},
+    409: {
+        "model": ErrorBody,
+        "description": "aborted (by POST /v1/stop) or busy (another verb runs)",
+    },
+    413: {"model": ErrorBody, "description": f"invalid_request: body larger than {MAX_BODY_BYTES} bytes"},
+    422: {"model": ErrorBody, "description": "invalid_request: detail.field names the offending field"},
+    501: {
+        "model": ErrorBody,
+        "description": "unsupported: no such verb on this instrument (EDX on a bridge)",
+    },
+    502: {"model": ErrorBody, "description": "comms_lost: the server lost its link to the instrument"},
+    503: {"model": ErrorBody, "description": "instrument_fault: the instrument refused or failed"},
+    504: {
+        "model": ErrorBody,
+        "description": "deadline_exceeded: past X-Deadline-S; instrument stopped",
+    },
+}
+BEARER = HTTPBearer(
+    auto_error=False,  # the guard answers 401 with the project's error body before this runs
+    description="the instrument token; required whenever the server listens beyond loopback",
+)
 
 
 DeadlineDep = Annotated[float | None, Depends(_deadline)]
@@ -230,8 +267,14 @@ def build_app(  # noqa: C901 - the route table: mccabe adds up its small nested 
     app.state.token_required = token is not None  # serve() refuses a non-loopback socket without one
     app.state.instrument = instrument  # serve() stops it when shutdown begins
 
-    async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        if not _authorized(token, authorization):  # the guard already checked; kept for extra routers
+    async def require_token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    ) -> None:
+        # The guard already checked the header; this declares the scheme in OpenAPI and covers extra routers.
+        if token is not None and (
+            credentials is None
+            or not secrets.compare_digest(credentials.credentials.encode(), token.encode())
+        ):
             raise _Unauthorized()
 
     async def run(verb: str, call: Callable[[float], Awaitable[T]], deadline_s: float | None) -> T:
@@ -267,12 +310,20 @@ def build_app(  # noqa: C901 - the route table: mccabe adds up its small nested 
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (bytes that are not JSON text)
+            return _error(
+                422, "invalid_request", "body: not a JSON document", {"field": "body", "fields": ["body"]}
+            )
         if exc.status_code == 413:
             return _error(413, "invalid_request", str(exc.detail), {"field": "body"})
         if exc.status_code == 404:
             return _error(404, "invalid_request", "no such endpoint", {"field": "path"})
         if exc.status_code == 405:
-            return _error(405, "invalid_request", "method not allowed on this endpoint", {"field": "method"})
+            response = _error(
+                405, "invalid_request", "method not allowed on this endpoint", {"field": "method"}
+            )
+            response.headers.update(exc.headers or {})  # Allow: the methods this endpoint takes (RFC 9110)
+            return response
         kind = "instrument_fault" if exc.status_code >= 500 else "invalid_request"
         return _error(exc.status_code, kind, str(exc.detail))
 
@@ -289,7 +340,7 @@ def build_app(  # noqa: C901 - the route table: mccabe adds up its small nested 
     async def healthz() -> dict[str, bool]:
         return {"ok": True}  # liveness only: says nothing about the instrument without a token
 
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)])
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
 
     @api.get("/identity")
     async def identity(d: DeadlineDep) -> InstrumentIdentity:
@@ -368,7 +419,7 @@ def build_app(  # noqa: C901 - the route table: mccabe adds up its small nested 
 
     app.include_router(api)
     for router in extra_routers:
-        app.include_router(router, dependencies=[Depends(require_token)])
+        app.include_router(router, dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
     return app
 
 

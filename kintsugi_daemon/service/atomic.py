@@ -17,6 +17,8 @@ from typing import IO, Any
 import numpy as np
 import tifffile
 
+from kintsugi_daemon.service import failpoints
+
 __all__ = ["fsync_dir", "write_atomic", "write_json_atomic", "write_tiff_atomic"]
 
 
@@ -43,7 +45,7 @@ def write_atomic(
     os.close(fd)  # reopened by name: tifffile wants a file object with a path
     try:
         with open(tmp, "wb") as fh:
-            write(fh)
+            write(failpoints.tearing(fh, "file_write"))  # drills: torn half-way, then killed
             fh.flush()
             os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())

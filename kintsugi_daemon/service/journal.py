@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kintsugi_daemon.service import profiling
+from kintsugi_daemon.service import failpoints, profiling
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -260,6 +260,7 @@ class Journal:
             self._conn.execute("ROLLBACK")
             raise
         else:
+            failpoints.hit("journal_commit")  # drills: killed inside the transaction, before COMMIT
             with profiling.span("journal"):  # the commit is where the fsyncs are
                 self._conn.execute("COMMIT")
         finally:

@@ -61,6 +61,9 @@ SLICES_LATEST_PREVIEW: Final = "slices/latest/preview"
 METRICS: Final = "metrics"
 COMMAND_FILTER: Final = "cmd/+"
 
+# A recipe in the daemon's recipe folder, by name: one file name without extension, no separators, no
+# leading dot (so never `..`).
+RecipeName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")]
 # One topic level: no separators or wildcards, so ids can never widen a subscription or an ACL match.
 TopicLevel = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
@@ -290,15 +293,17 @@ class Command(_Strict):
 
 
 class StartCommand(Command):
-    """Start a run from a recipe given inline (TOML text) or as a path on the daemon's machine."""
+    """Start a run from a recipe given inline (TOML text) or by the name of one in the daemon's recipe
+    folder (`recipes_dir`). Never a path: the daemon opens no file an operator names, so a command cannot
+    probe which files exist on its machine or read its settings."""
 
     recipe: str | None = Field(default=None, max_length=60_000)
-    recipe_path: str | None = Field(default=None, max_length=4096)
+    recipe_name: RecipeName | None = None
 
     @model_validator(mode="after")
     def _one_recipe(self) -> StartCommand:
-        if (self.recipe is None) == (self.recipe_path is None):
-            raise ValueError("give exactly one of recipe (TOML text) or recipe_path")
+        if (self.recipe is None) == (self.recipe_name is None):
+            raise ValueError("give exactly one of recipe (TOML text) or recipe_name")
         return self
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -203,7 +204,9 @@ class MqttLink:
             try:
                 await self._connection()
                 return  # closed cleanly
-            except aiomqtt.MqttError as exc:
+            # A journal that cannot be written (a full disk: SQLite's "database or disk is full") is
+            # survived like a lost broker: back off and reconnect; the unsent events are replayed.
+            except (aiomqtt.MqttError, sqlite3.OperationalError) as exc:
                 t = self.tuning
                 delay = min(t.backoff_max_s, t.backoff_min_s * 2**self._failures)
                 delay *= random.uniform(0.5, 1.0)  # jitter: a fleet of daemons must not reconnect in step

@@ -25,6 +25,7 @@ from kintsugi_daemon.config import DaemonSettings
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.service import profiling
 from kintsugi_daemon.service.home_assistant import discovery_messages
+from kintsugi_daemon.service.instance_lock import InstanceLock
 from kintsugi_daemon.service.journal import Journal
 from kintsugi_daemon.service.messages import (
     SLICES_LATEST_PREVIEW,
@@ -107,7 +108,12 @@ class Service:
         self.settings = settings
         self.session = session or uuid.uuid4().hex[:12]
         settings.data_root.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(settings.journal_file, self.session)
+        self.lock = InstanceLock(settings.journal_file).acquire()  # before the journal is touched
+        try:
+            self.journal = Journal(settings.journal_file, self.session)
+        except BaseException:
+            self.lock.release()
+            raise
         inst = settings.instrument
         self.instrument = HttpDualBeam(
             inst.url, token=inst.resolved_token(), deadline_scale=inst.deadline_scale
@@ -168,17 +174,29 @@ class Service:
 
     async def _command(self, verb: str, command: Command) -> CommandReply:
         args = command.model_dump(exclude={"command_id", "sent_at"})
-        if verb == "start" and args.get("recipe_path"):
-            try:
-                with open(args.pop("recipe_path")) as fh:
-                    args["recipe"] = fh.read()
-            except OSError as exc:
-                return self._reply(command, verb, f"cannot read recipe_path: {exc}")
+        if verb == "start":
+            name = args.pop("recipe_name", None)
+            if name is not None:
+                try:
+                    args["recipe"] = self._named_recipe(name)
+                except LookupError as exc:
+                    return self._reply(command, verb, str(exc))
         try:
             await self.controller.command(verb, args)
         except CommandRefused as exc:
             return self._reply(command, verb, str(exc))
         return self._reply(command, verb, None)
+
+    def _named_recipe(self, name: str) -> str:
+        """The text of `<recipes_dir>/<name>.toml`. The name was checked to be one plain file name; the
+        messages say nothing about the machine beyond the configured folder."""
+        folder = self.settings.recipes_dir
+        if folder is None:
+            raise LookupError("recipe_name needs a recipe folder (recipes_dir) in the daemon's settings")
+        try:
+            return (folder / f"{name}.toml").read_text()
+        except (OSError, UnicodeDecodeError):
+            raise LookupError(f"no readable recipe named {name!r} in the daemon's recipe folder") from None
 
     def _reply(self, command: Command, verb: str, error: str | None) -> CommandReply:
         return CommandReply(
@@ -327,6 +345,7 @@ class Service:
             await self.controller.close()
             await self.instrument.aclose()
             self.journal.close()
+            self.lock.release()
             log.info("stopped")
 
 

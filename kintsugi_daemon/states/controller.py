@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,6 @@ from kintsugi_daemon.drivers.base import (
 )
 from kintsugi_daemon.service import profiling
 from kintsugi_daemon.service.journal import EventDraft, Journal
-from kintsugi_daemon.service.storage import DiskFull
 from kintsugi_daemon.states import commands, recovery, steps
 from kintsugi_daemon.states.alerts import Alerts
 from kintsugi_daemon.states.checkpoint import (
@@ -42,6 +42,7 @@ from kintsugi_daemon.states.checkpoint import (
     record_finish,
     slice_period_s,
 )
+from kintsugi_daemon.states.disk import DiskReserve
 from kintsugi_daemon.states.guards import GuardReading, Guards
 from kintsugi_daemon.states.latest_state import LatestState
 from kintsugi_daemon.states.preflight import preflight_problem
@@ -92,6 +93,7 @@ class Controller:
         self._final_progress: dict[str, Any] | None = None
         self._guard_task: asyncio.Task[None] | None = None
         self.completions = Completions(journal)
+        self.reserve = DiskReserve(settings.data_root)
 
     @property
     def alerts(self) -> dict[str, dict[str, Any]]:
@@ -232,6 +234,7 @@ class Controller:
     # --- the run ----------------------------------------------------------------------------------
 
     def launch(self) -> None:
+        self.reserve.ensure()
         self._task = asyncio.create_task(self._supervise(), name="kintsugi-run")
 
     async def relaunch(self) -> None:
@@ -252,6 +255,8 @@ class Controller:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if self.reserve.release_if_full(exc) and await self._suspend_for_guards():
+                return  # a full disk met outside a step (a journal commit): the disk guard, not a fault
             log.exception("run loop failed")
             await self._fault(exc, where=self.step or "run")
 
@@ -381,7 +386,8 @@ class Controller:
         except InstrumentError:
             return None
         needs_gis = "deposit_pt" in steps.steps_for_slice(self.run.recipe, self.run.next_slice)
-        readings = self._guards.evaluate(state, self.run.storage.free_bytes(), needs_gis=needs_gis)
+        free = self.run.storage.free_bytes() - self.reserve.missing_bytes  # the reserve counts as used
+        readings = self._guards.evaluate(state, free, needs_gis=needs_gis)
         return self._guards.update(readings, time.monotonic())
 
     async def _watch_guards(self) -> None:
@@ -468,12 +474,15 @@ class Controller:
         try:
             ctx = steps.StepContext(self.instrument, run, index, request, self.latest.fresh())
             result = await spec.perform(ctx)
-        except (InstrumentError, DiskFull) as exc:  # Aborted is an InstrumentError
+        except (InstrumentError, OSError, sqlite3.Error) as exc:  # Aborted is an InstrumentError
             self.latest.forget()
+            full = self.reserve.release_if_full(exc)  # room to journal the failure and the suspension
+            if not full and not isinstance(exc, InstrumentError):
+                raise
             record_failure(self.journal, run.run_id, index, step, step_id, exc)
             if isinstance(exc, Aborted) or self._interrupt is not None:
                 raise Interrupted() from exc
-            if isinstance(exc, DiskFull):
+            if full:
                 raise InstrumentFault(f"disk full: {exc}") from exc
             raise
         result["duration_s"] = round(time.monotonic() - t0, 4)

@@ -28,7 +28,7 @@ from kintsugi_daemon.cli.remote import DaemonView
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.service.messages import Topics
 from tests.drills.test_daemon_drills import INSTRUMENT_ID, RECIPE, SLICES, Drill, drill
-from tests.support.mqtt_broker import USERS, mosquitto_available
+from tests.support.mqtt_broker import mosquitto_available, secret
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
 __all__ = ["drill"]  # the fixture, imported for this module's tests
@@ -62,7 +62,7 @@ async def listening(drill: Drill) -> AsyncIterator[Heard]:
     heard = Heard()
     topics = Topics(INSTRUMENT_ID)
     async with aiomqtt.Client(
-        "127.0.0.1", drill.broker.port, username="monitor", password=USERS["monitor"]
+        "127.0.0.1", drill.broker.port, username="monitor", password=secret("monitor")
     ) as client:
         await client.subscribe(topics.full("alerts/#"), qos=1)
         await client.subscribe(topics.full("slices/latest"), qos=1)
@@ -102,7 +102,7 @@ async def inject(drill: Drill, fault: dict[str, object] | None) -> None:
 
 async def kintsugi_cli(drill: Drill, *args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KINTSUGI_")}
-    env |= {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": USERS["operator"]}
+    env |= {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": secret("operator")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -146,11 +146,15 @@ def test_demo_on_the_embedded_broker(tmp_path: Path, sim_cache: Path) -> None:
 
 def test_demo_with_a_given_broker(tmp_path: Path, sim_cache: Path) -> None:
     """`--broker`: the demo starts no broker of its own; the daemon and the demo take their ACL roles."""
-    with LocalBroker(tmp_path / "broker") as broker:
+    with LocalBroker(tmp_path / "broker", instruments=["facility-hydra"]) as broker:
         operator, operator_pw = broker.credentials("operator")
-        daemon, daemon_pw = broker.credentials("daemon")
-        url = f"mqtt://{operator}:{operator_pw}@{broker.host}:{broker.port}"
-        env = {"KINTSUGI_MQTT__USERNAME": daemon, "KINTSUGI_MQTT__PASSWORD": json.dumps(daemon_pw)}
+        daemon, daemon_pw = broker.credentials("facility-hydra")  # a daemon's user is its instrument id
+        url = f"mqtt://{operator}@{broker.host}:{broker.port}"  # the password never on a command line
+        env = {
+            "KINTSUGI_MQTT__USERNAME": daemon,
+            "KINTSUGI_MQTT__PASSWORD": json.dumps(daemon_pw),
+            "KINTSUGI_DEMO_BROKER_PASSWORD": operator_pw,
+        }
         demo_dir = run_demo(tmp_path / "out", sim_cache, "--broker", url, env=env)
         assert json.loads((demo_dir / "pids.json").read_text())["broker"] is None
         assert not (demo_dir / "broker").exists()
@@ -162,4 +166,7 @@ def test_demo_rejects_bad_arguments(tmp_path: Path, sim_cache: Path) -> None:
     assert proc.returncode == 2 and "--slices" in proc.stderr
     proc = run(["kintsugi_daemon.cli", "demo", "--broker", "http://x:1", "--out", str(tmp_path)], sim_cache)
     assert proc.returncode == 2 and "--broker" in proc.stderr
+    url = "mqtt://operator:s3cret@127.0.0.1:1883"
+    proc = run(["kintsugi_daemon.cli", "demo", "--broker", url, "--out", str(tmp_path)], sim_cache)
+    assert proc.returncode == 2 and "KINTSUGI_DEMO_BROKER_PASSWORD" in proc.stderr  # no secret in argv
     assert not list(tmp_path.iterdir())  # refused before anything was created

@@ -24,7 +24,7 @@ from kintsugi_daemon.demo.simulator_process import SimulatorProcess
 from kintsugi_daemon.inference.metrics import slice_metrics
 from kintsugi_daemon.service.home_assistant import SENSORS
 from kintsugi_daemon.service.messages import Alert, Envelope, Progress, Status, Topics
-from tests.support.mqtt_broker import USERS, Broker, mosquitto_available
+from tests.support.mqtt_broker import Broker, mosquitto_available, secret
 from tests.support.stack import Stack, process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ def render(template: str, payload: bytes) -> str:
 async def test_home_assistant_discovery_describes_the_daemons_real_topics(
     sim: SimulatorProcess, tmp_path: Path
 ) -> None:
-    broker = Broker(tmp_path / "broker")
+    broker = Broker(tmp_path / "broker", ["ha-01"])
     broker.start()
     try:
         stack = Stack(broker, sim, tmp_path, instrument_id="ha-01")
@@ -100,7 +100,7 @@ async def test_home_assistant_discovery_describes_the_daemons_real_topics(
             configs: dict[str, dict[str, Any]] = {}
             retained: dict[str, bytes] = {}
             async with aiomqtt.Client(
-                "127.0.0.1", broker.port, username="monitor", password=USERS["monitor"]
+                "127.0.0.1", broker.port, username="monitor", password=secret("monitor")
             ) as client:
                 await client.subscribe("homeassistant/+/+/+/config", qos=1)
                 await client.subscribe("kintsugi/v1/ha-01/status", qos=1)
@@ -158,7 +158,7 @@ def node_red() -> str | None:
 @needs_mosquitto
 @pytest.mark.skipif(node_red() is None, reason="node-red is not installed (npm install node-red)")
 async def test_node_red_flow_follows_status_alerts_and_runs_in_real_node_red(tmp_path: Path) -> None:
-    broker = Broker(tmp_path / "broker")
+    broker = Broker(tmp_path / "broker", ["red-01"])
     broker.start()
     user_dir = tmp_path / "node-red"
     user_dir.mkdir()
@@ -166,7 +166,7 @@ async def test_node_red_flow_follows_status_alerts_and_runs_in_real_node_red(tmp
     [broker_node] = [n for n in flow if n["type"] == "mqtt-broker"]
     (user_dir / "flows.json").write_text(json.dumps(flow))
     (user_dir / "flows_cred.json").write_text(
-        json.dumps({broker_node["id"]: {"user": "monitor", "password": USERS["monitor"]}})
+        json.dumps({broker_node["id"]: {"user": "monitor", "password": secret("monitor")}})
     )
     port = free_port()
     (user_dir / "settings.js").write_text(
@@ -191,7 +191,7 @@ async def test_node_red_flow_follows_status_alerts_and_runs_in_real_node_red(tmp
             await until(lambda: answers(http), 60)  # Node-RED is up and the flow's endpoint answers
             await until(lambda: connected(tmp_path / "node-red.log"), 20)
             async with aiomqtt.Client(
-                "127.0.0.1", broker.port, username="daemon", password=USERS["daemon"]
+                "127.0.0.1", broker.port, username="red-01", password=secret("red-01")
             ) as daemon:
                 status = Status(state="online", path="running.mill", session="s1", since=1.0, ts=2.0)
                 await daemon.publish(topics.status, status.model_dump_json(), qos=1, retain=True)

@@ -35,7 +35,7 @@ from kintsugi_daemon.service.messages import (
     export_schemas,
 )
 from kintsugi_daemon.service.mqtt_link import LinkTuning, MqttLink
-from tests.support.mqtt_broker import USERS, Broker, mosquitto_available
+from tests.support.mqtt_broker import Broker, mosquitto_available, secret
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto binary not installed")
 
@@ -43,8 +43,8 @@ WAIT_S = 15.0
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
+def broker(tmp_path: Path, instrument: str) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker", [instrument])
     b.start()
     try:
         yield b
@@ -95,7 +95,7 @@ async def running_link(
     broker: Broker, journal: Journal, instrument: str, daemon: Daemon
 ) -> AsyncIterator[MqttLink]:
     link = MqttLink(
-        MqttSettings(host=broker.host, port=broker.port, username="daemon", password=USERS["daemon"]),
+        MqttSettings(host=broker.host, port=broker.port, username=instrument, password=secret(instrument)),
         instrument,
         journal,
         status_provider=daemon.status,
@@ -116,7 +116,7 @@ async def running_link(
 
 
 def client(broker: Broker, user: str, **kwargs: Any) -> aiomqtt.Client:
-    return aiomqtt.Client(broker.host, broker.port, username=user, password=USERS[user], **kwargs)
+    return aiomqtt.Client(broker.host, broker.port, username=user, password=secret(user), **kwargs)
 
 
 async def next_message(c: aiomqtt.Client, topic: str | None = None) -> aiomqtt.Message:
@@ -237,7 +237,7 @@ async def test_cancelled_link_still_says_offline(broker: Broker, journal: Journa
     async with client(broker, "monitor") as watcher:
         await watcher.subscribe(topics.status, qos=1)
         link = MqttLink(
-            MqttSettings(port=broker.port, username="daemon", password=USERS["daemon"]),
+            MqttSettings(port=broker.port, username=instrument, password=secret(instrument)),
             instrument,
             journal,
             status_provider=Daemon().status,

@@ -178,7 +178,7 @@ async def test_daemon_sends_run_finished_with_the_last_overlay_while_another_not
         tmp_path / "threshold.onnx",
         {"pore": 0.95, "unfilled_pore": 0.05, "active": 0.53, "cbd": 0.23, "collector": 0.4},
     )
-    broker = Broker(tmp_path / "broker")
+    broker = Broker(tmp_path / "broker", ["notify-01"])
     broker.start()
     try:
         with receiver() as rx, black_hole() as dead:

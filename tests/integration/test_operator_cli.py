@@ -21,7 +21,7 @@ import pytest
 from kintsugi_daemon.cli.remote import DaemonView, Operator
 from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.service.messages import Topics
-from tests.support.mqtt_broker import USERS, Broker, free_port, mosquitto_available
+from tests.support.mqtt_broker import Broker, free_port, mosquitto_available, secret
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto binary not installed")
 
@@ -29,8 +29,8 @@ WAIT_S = 15.0
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
+def broker(tmp_path: Path, instrument: str) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker", [instrument])
     b.start()
     try:
         yield b
@@ -48,7 +48,8 @@ def daemon_config(tmp_path: Path, instrument: str, port: int) -> Path:
     path = tmp_path / "daemon.toml"
     path.write_text(
         f'instrument_id = "{instrument}"\ndata_root = "{tmp_path / "runs"}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nusername = "daemon"\npassword = "{USERS["daemon"]}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'username = "{instrument}"\npassword = "{secret(instrument)}"\n'
     )
     return path
 
@@ -66,7 +67,10 @@ def kintsugi(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 async def publish_as_daemon(broker: Broker, topic: str, payload: bytes, retain: bool = True) -> None:
-    async with aiomqtt.Client(broker.host, broker.port, username="daemon", password=USERS["daemon"]) as c:
+    instrument = topic.split("/")[2]  # a daemon's identity is its instrument id
+    async with aiomqtt.Client(
+        broker.host, broker.port, username=instrument, password=secret(instrument)
+    ) as c:
         await c.publish(topic, payload, qos=1, retain=retain)
 
 
@@ -84,7 +88,7 @@ async def test_operator_commands_log_in_as_the_operator_not_the_daemon(
     alert = {"id": "instrument_fault", "severity": "critical", "message": "stage stuck", "since": 1.0}
     await publish_as_daemon(broker, topics.alert("instrument_fault"), json.dumps(alert).encode())
     config = daemon_config(tmp_path, instrument, broker.port)
-    env = {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": USERS["operator"]}
+    env = {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": secret("operator")}
     done = await asyncio.to_thread(kintsugi, "status", "--json", "--config", str(config), env=env)
     assert done.returncode == 0, done.stderr
     view = json.loads(done.stdout)
@@ -94,8 +98,10 @@ async def test_operator_commands_log_in_as_the_operator_not_the_daemon(
 
 async def test_wrong_password_says_what_to_check(broker: Broker, instrument: str, tmp_path: Path) -> None:
     config = daemon_config(tmp_path, instrument, broker.port)
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("wrong\n")
     done = await asyncio.to_thread(
-        kintsugi, "status", "--config", str(config), "--username", "operator", "--password", "wrong"
+        kintsugi, "status", "--config", str(config), "--username", "operator", "--password-file", str(wrong)
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
@@ -114,7 +120,7 @@ async def test_unreachable_broker_says_which_address(instrument: str, tmp_path: 
 
 async def test_no_daemon_reply_says_what_to_check(broker: Broker, instrument: str, tmp_path: Path) -> None:
     config = daemon_config(tmp_path, instrument, broker.port)
-    env = {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": USERS["operator"]}
+    env = {"KINTSUGI_OPERATOR__USERNAME": "operator", "KINTSUGI_OPERATOR__PASSWORD": secret("operator")}
     done = await asyncio.to_thread(kintsugi, "pause", "--config", str(config), "--timeout", "1", env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"no reply to pause within 1 s from instrument {instrument!r}" in done.stderr
@@ -126,7 +132,7 @@ async def test_watch_survives_non_json_messages(broker: Broker, instrument: str)
     the live view notes it and keeps watching."""
     topics = Topics(instrument)
     op = Operator(
-        MqttSettings(host=broker.host, port=broker.port, username="operator", password=USERS["operator"]),
+        MqttSettings(host=broker.host, port=broker.port, username="operator", password=secret("operator")),
         instrument,
     )
     subscribed = asyncio.Event()
@@ -139,7 +145,9 @@ async def test_watch_survives_non_json_messages(broker: Broker, instrument: str)
     watch = asyncio.create_task(op.watch(until_running, timeout_s=WAIT_S))
     async with asyncio.timeout(WAIT_S):
         await subscribed.wait()
-    async with aiomqtt.Client(broker.host, broker.port, username="operator", password=USERS["operator"]) as c:
+    async with aiomqtt.Client(
+        broker.host, broker.port, username="operator", password=secret("operator")
+    ) as c:
         await c.publish(topics.command("pause"), b"pause please", qos=1)
     await publish_as_daemon(broker, topics.progress, b"\xff not json", retain=False)
     await publish_as_daemon(broker, topics.status, status_payload("running.mill"))

@@ -17,7 +17,7 @@ import pytest
 from playwright.async_api import Page, async_playwright
 
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess
-from tests.support.mqtt_broker import USERS, Broker, mosquitto_available
+from tests.support.mqtt_broker import Broker, mosquitto_available, secret
 from tests.support.onnx_models import build_threshold_model
 from tests.support.stack import Stack, chromium_path, process
 
@@ -61,7 +61,7 @@ min_free_disk_bytes = 0
 
 @pytest.fixture
 async def stack(sim: SimulatorProcess, tmp_path: Path) -> AsyncIterator[Stack]:
-    broker = Broker(tmp_path / "broker")
+    broker = Broker(tmp_path / "broker", ["web-01", "web-02"])
     broker.start()
     try:
         yield Stack(broker, sim, tmp_path)
@@ -89,7 +89,7 @@ async def test_page_follows_a_run_shows_overlay_plots_alerts_and_sends_confirmed
         await stack.wait_path("done")
         # A second instrument on the same broker (its daemon's retained status) joins the list.
         async with aiomqtt.Client(
-            "127.0.0.1", stack.broker.port, username="daemon", password=USERS["daemon"]
+            "127.0.0.1", stack.broker.port, username="web-02", password=secret("web-02")
         ) as other:
             status = {"state": "online", "path": "idle", "session": "x", "ts": time.time()}
             await other.publish("kintsugi/v1/web-02/status", json.dumps(status), qos=1, retain=True)
@@ -165,7 +165,7 @@ async def check_commands_need_a_login_and_a_confirmation(page: Page, stack: Stac
     await page.fill("#password", "wrong")
     await page.click("#login-button")
     await page.wait_for_function("document.getElementById('who').textContent.includes('refused')")
-    await page.fill("#password", USERS["operator"])
+    await page.fill("#password", secret("operator"))
     await page.click("#login-button")
     await page.wait_for_function("document.getElementById('who').textContent === 'operator: operator'")
     # Each command is confirmed first: cancel sends nothing, send reaches the daemon.

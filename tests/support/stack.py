@@ -17,7 +17,7 @@ from pathlib import Path
 from kintsugi_daemon.cli.remote import DaemonView, Operator
 from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess
-from tests.support.mqtt_broker import USERS, Broker
+from tests.support.mqtt_broker import Broker, secret
 
 __all__ = ["CHROMIUM", "Stack", "chromium_path", "process"]
 
@@ -54,8 +54,8 @@ data_root = {_toml_str(self.root / "runs")}
 [mqtt]
 host = "127.0.0.1"
 port = {self.broker.port}
-username = "daemon"
-password = "{USERS["daemon"]}"
+username = "{self.instrument_id}"
+password = "{secret(self.instrument_id)}"
 keepalive_s = 5
 
 [instrument]
@@ -66,7 +66,7 @@ deadline_scale = 0.2
 [web]
 port = 0
 username = "monitor"
-password = "{USERS["monitor"]}"
+password = "{secret("monitor")}"
 
 [logging]
 level = "info"
@@ -76,7 +76,7 @@ level = "info"
         return path
 
     def operator(self, user: str = "operator") -> Operator:
-        mqtt = MqttSettings(host="127.0.0.1", port=self.broker.port, username=user, password=USERS[user])
+        mqtt = MqttSettings(host="127.0.0.1", port=self.broker.port, username=user, password=secret(user))
         return Operator(mqtt, self.instrument_id)
 
     async def wait_path(self, path: str, timeout_s: float = 60.0) -> DaemonView:
