@@ -94,7 +94,7 @@ def part_a(model_path: Path, data_dir: Path, quick: bool) -> None:
         ],
     )
     print_table(
-        "the same specimens with failed infiltration: partial Pt (narrow pores and cracks empty) and no Pt",
+        "the same specimens with failed infiltration: partial Pt (half the face area without Pt) and no Pt",
         [
             "specimen",
             "partial: unfilled recall",
