@@ -6,7 +6,7 @@ and without Pt (CBS and TLD), from a `kintsugi-sim dataset --partial` folder.
     python scripts/docs_images.py build/docs-data docs/
 
 Each panel is the 16-bit image as written, shown between its 0.5 and 99.5 percentiles (no other
-processing); a label strip shows the ground truth (pore black, unfilled pore red, NMC grey, CBD green,
+processing; the left 640 columns); a label strip shows the ground truth (pore black, unfilled pore red, NMC grey, CBD green,
 collector blue, outside white).
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import tifffile
 from skimage import io as skio
 
+CROP_COLS = 640  # left part of each 1024-px frame: full resolution, a smaller file
 COLOURS = {0: (0, 0, 0), 1: (220, 40, 40), 2: (150, 150, 150), 3: (60, 170, 80), 4: (60, 90, 200)}
 
 
@@ -26,11 +27,11 @@ def _grey(path: Path) -> np.ndarray:
     im = tifffile.imread(path).astype(np.float64)
     lo, hi = np.percentile(im, [0.5, 99.5])
     out: np.ndarray = (np.clip((im - lo) / max(hi - lo, 1.0), 0, 1) * 255).astype(np.uint8)
-    return np.repeat(out[:, :, None], 3, axis=2)
+    return np.repeat(out[:, :CROP_COLS, None], 3, axis=2)
 
 
 def _labels(path: Path) -> np.ndarray:
-    lab = tifffile.imread(path)
+    lab = tifffile.imread(path)[:, :CROP_COLS]
     rgb = np.full((*lab.shape, 3), 255, np.uint8)
     for value, colour in COLOURS.items():
         rgb[lab == value] = colour
