@@ -6,8 +6,8 @@ and without Pt (CBS and TLD), from a `kintsugi-sim dataset --partial` folder.
     python scripts/docs_images.py build/docs-data docs/
 
 Each panel is the 16-bit image as written, shown between its 0.5 and 99.5 percentiles (no other
-processing; the left 640 columns); a label strip shows the ground truth (pore black, unfilled pore red, NMC grey, CBD green,
-collector blue, outside white).
+processing; the left 640 columns); a label strip shows the ground truth (pore black, unfilled pore red,
+NMC grey, CBD green, collector blue, outside white).
 """
 
 from __future__ import annotations
