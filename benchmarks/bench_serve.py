@@ -140,7 +140,6 @@ async def _serve(
             "127.0.0.1", broker.port, username="monitor", password=USERS["monitor"]
         ) as client:
             await client.subscribe(topics.full("#"), qos=1)
-            ready.set()
             async for message in client.messages:
                 now = time.time()
                 topic = str(message.topic)
@@ -165,14 +164,8 @@ async def _serve(
         INSTRUMENT,
     )
     await asyncio.wait_for(ready.wait(), 60)
-    for _ in range(100):  # until the daemon is up and answers
-        try:
-            reply = await operator.command(
-                "start", {"recipe": RECIPE.format(slices=slices, width=width, height=height)}, 5
-            )
-            break
-        except TimeoutError:
-            continue
+    recipe = RECIPE.format(slices=slices, width=width, height=height)
+    reply = await operator.command("start", {"recipe": recipe}, 30)  # the daemon said idle: it is up
     assert reply["accepted"], reply
     finished = asyncio.ensure_future(done.wait())
     await asyncio.wait([watcher, finished], timeout=60 + slices * 5, return_when=asyncio.FIRST_COMPLETED)

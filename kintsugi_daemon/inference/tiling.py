@@ -208,11 +208,21 @@ def _batches(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int
         yield items[i : i + size]
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def _summaries(logits: np.ndarray, log_k: np.float32) -> tuple[np.ndarray, ...]:
+    """Per pixel of [N, K, H, W] logits: the class, its softmax probability, the entropy / log K, and
+    the exponentials and their sum (for the probabilities, when asked for).
+
+    One exp over K x H x W and no log over it: with z = logits - max, S = sum exp(z), the chosen class's
+    probability is exp(0) / S = 1 / S and the entropy is log S - sum(exp(z) z) / S. The post-processing
+    of a 1536 x 1024 slice had cost twice the network's own call with softmax, log and max taken
+    separately."""
+    best = logits.argmax(axis=1)
     z = logits - logits.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return np.asarray(z, np.float32)
+    e = np.exp(z)
+    s = e.sum(axis=1)
+    weighted = np.einsum("nkhw,nkhw->nhw", e, z)
+    entropy = (np.log(s) - weighted / s) / log_k
+    return best, np.reciprocal(s), entropy, e, s
 
 
 def segment(
@@ -264,17 +274,16 @@ def segment_array(
     for group in _batches(tiles, plan.batch):
         batch = np.stack([padded[:, y0 : y0 + ay.tile, x0 : x0 + ax.tile] for y0, x0 in group])
         logits = model.run(batch)[:, :, halo : halo + ay.core, halo : halo + ax.core]
-        p = _softmax(np.array(logits, np.float32))
         # Entropy in units of log K, so 1 means "uniform over the classes" whatever K is.
-        tile_ent = -(p * np.log(np.maximum(p, np.float32(1e-12)))).sum(axis=1) / log_k
+        tile_best, tile_p, tile_ent, e, s = _summaries(np.asarray(logits, np.float32), log_k)
         for i, (y0, x0) in enumerate(group):
             # Overlapping cores (the shifted last tile) hold identical values: the later write is harmless.
             ys, xs = slice(y0, y0 + ay.core), slice(x0, x0 + ax.core)
-            best[ys, xs] = p[i].argmax(axis=0)
-            max_p[ys, xs] = p[i].max(axis=0)
+            best[ys, xs] = tile_best[i]
+            max_p[ys, xs] = tile_p[i]
             ent[ys, xs] = tile_ent[i]
             if probs is not None:
-                probs[:, ys, xs] = p[i]
+                probs[:, ys, xs] = e[i] / s[i]
     lut = np.array([CANONICAL_CLASSES[c] for c in spec.classes], np.uint8)
     return Segmentation(
         labels=lut[best[:h, :w]],

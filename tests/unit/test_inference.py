@@ -307,6 +307,13 @@ def test_tiled_inference_is_seamless(unet: Path) -> None:
     labels_ref = np.array([CANONICAL_CLASSES[c] for c in CLASSES], np.uint8)[ref.argmax(axis=0)]
     assert np.array_equal(seg.labels[inner[1:]], labels_ref[inner[1:]])
     np.testing.assert_allclose(seg.max_probability, seg.probabilities.max(axis=0), rtol=1e-6)
+    # The summaries are computed without a softmax pass: they must still be the softmax's.
+    probs = seg.probabilities
+    entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(axis=0) / np.log(len(CLASSES))
+    np.testing.assert_allclose(seg.entropy, entropy, atol=1e-5)
+    assert np.array_equal(
+        seg.labels, np.array([CANONICAL_CLASSES[c] for c in CLASSES], np.uint8)[probs.argmax(0)]
+    )
     # The test can see seams: without the halo, tile edges lack context and the results differ.
     no_halo = segment(
         load_model(unet, override={"halo": 0}),
