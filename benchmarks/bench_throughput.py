@@ -218,20 +218,31 @@ def int8_vs_float(data_dir: Path, slices: int, repeats: int) -> None:
     images, _ = read_slices(root / "with-pt")[0]
     rows = []
     times: dict[str, float] = {}
+    net: dict[str, float] = {}
     ious: dict[str, float] = {}
     for name, path in (("float32", SHIPPED_MODEL), ("int8 QDQ", SHIPPED_INT8_MODEL)):
         model = load_model(path, threads=THREADS)
+        x = normalise(model, images)
+        halo = model.spec.effective_halo
+        xp = np.pad(x, ((0, 0), (halo, halo), (halo, halo)), mode="reflect")[None]
+        # Interleaved, so both see the same machine: the network call alone, then the whole daemon path.
+        net[name] = _median_time(lambda m=model, a=xp: m.run(a), repeats)  # type: ignore[misc]
         times[name] = _median_time(lambda m=model: segment(m, images), repeats)  # type: ignore[misc]
         ious[name], _ = held_out_miou(model, [root / "with-pt"])
-        rows.append([name, f"{times[name]:.3f}", f"{ious[name]:.4f}", f"{path.stat().st_size / 1e6:.2f}"])
+        size = f"{path.stat().st_size / 1e6:.2f}"
+        rows.append([name, f"{net[name]:.3f}", f"{times[name]:.3f}", f"{ious[name]:.4f}", size])
     speed = times["float32"] / times["int8 QDQ"]
+    net_speed = net["float32"] / net["int8 QDQ"]
     loss = ious["float32"] - ious["int8 QDQ"]
     print_table(
-        f"float32 vs int8 on the daemon path, 1536x1024, {THREADS} threads, median of {repeats}; mean IoU "
+        f"float32 vs int8, 1536x1024, {THREADS} threads, median of {repeats}; mean IoU "
         f"over {slices} held-out slices (94:3:3, seed 101)",
-        ["", "s/slice", "mean IoU", "MB"],
+        ["", "network s", "daemon path s", "mean IoU", "MB"],
         rows,
-        [f"int8: {speed:.2f}x faster (target >= 1.8), mean-IoU loss {loss:+.4f} (target < 0.01)"],
+        [
+            f"int8: network {net_speed:.2f}x faster, daemon path {speed:.2f}x (target >= 1.8), "
+            f"mean-IoU loss {loss:+.4f} (target < 0.01)"
+        ],
     )
 
 
