@@ -1,0 +1,100 @@
+"""Pt re-deposition from the unfilled-pore share and the infiltration estimated ahead of the face (lag 2).
+
+Instead of a deposit every k slices, re-deposit when either
+- the latest segmented slice since the last deposit shows more unfilled pores than the threshold (the
+  infiltration front has been reached), or
+- the infiltration estimated to remain ahead of the face when the decision takes effect is below the
+  margin: the depth the last deposit reported (or the recipe's assumption), scaled down by what earlier
+  deposits turned out to reach (the face advance at which their unfilled share crossed the threshold),
+  minus the face advance since, minus the slices still to be milled before the decision applies, or
+- `max_interval_slices` have passed (a bound for a blind spot), and never within `min_interval_slices`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kintsugi_daemon.adapt.decisions import LAG, Decision, decision
+from kintsugi_daemon.adapt.observations import Observation
+from kintsugi_daemon.config import Recipe
+
+__all__ = ["decide", "effective_depth_factor"]
+
+
+def _deposits(history: Sequence[Observation]) -> list[int]:
+    return [i for i, o in enumerate(history) if o.settings.deposit_pt]
+
+
+def effective_depth_factor(history: Sequence[Observation], recipe: Recipe) -> float:
+    """How far earlier deposits really reached, as a fraction of their reported depth (<= 1)."""
+    s = recipe.adapt.pt
+    factor = 1.0
+    deposits = _deposits(history)
+    for n, start in enumerate(deposits):
+        end = deposits[n + 1] if n + 1 < len(deposits) else len(history)
+        reported = history[start].infiltration_depth_m or s.assumed_infiltration_m
+        for o in history[start + 1 : end]:
+            seg = o.segmentation
+            if seg is not None and (seg.unfilled_pore_share or 0.0) > s.max_unfilled_share:
+                reached = o.face_position_m - history[start].face_position_m
+                factor = min(factor, max(reached, 0.0) / reported)
+                break
+    return max(factor, 0.1)
+
+
+def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
+    s = recipe.adapt.pt
+    if not history:
+        return []
+    latest = history[-1]
+    deposits = _deposits(history)
+    if not deposits:
+        return []  # the first slice deposits by itself (initial_settings)
+    last = deposits[-1]
+    target = latest.slice_index + LAG["pt"]
+    since = target - history[last].slice_index
+    if since < s.min_interval_slices:
+        return []
+
+    def deposit(measured: dict[str, float], threshold: float, why: str) -> list[Decision]:
+        return [
+            decision(
+                "pt",
+                "deposit_pt",
+                latest,
+                measured=measured,
+                threshold=threshold,
+                change={"deposit_pt": True},
+                why=why,
+            )
+        ]
+
+    segmented = [o for o in history[last + 1 :] if o.segmentation is not None]
+    if segmented:
+        seg = segmented[-1].segmentation
+        assert seg is not None
+        share = seg.unfilled_pore_share or 0.0
+        if share > s.max_unfilled_share:
+            return deposit(
+                {"unfilled_pore_share": share, "slice": float(segmented[-1].slice_index)},
+                s.max_unfilled_share,
+                f"slice {segmented[-1].slice_index} shows {share:.1%} of its pores unfilled",
+            )
+    reported = history[last].infiltration_depth_m or s.assumed_infiltration_m
+    depth = reported * effective_depth_factor(history, recipe)
+    advanced = latest.face_position_m - history[last].face_position_m
+    still_to_mill = LAG["pt"] * latest.settings.mill_thickness_m
+    ahead = depth - advanced - still_to_mill
+    if ahead < s.margin_m:
+        return deposit(
+            {"infiltration_ahead_m": ahead, "infiltration_depth_m": depth},
+            s.margin_m,
+            f"about {ahead * 1e9:.0f} nm of infiltrated pores left ahead of slice {target}",
+        )
+    if since >= s.max_interval_slices:
+        return deposit(
+            {"slices_since_deposit": float(since)},
+            float(s.max_interval_slices),
+            f"{since} slices since the last deposit (the recipe's maximum interval)",
+        )
+    return []
