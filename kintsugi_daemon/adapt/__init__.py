@@ -18,6 +18,7 @@ __all__ = [
     "OutOfBounds",
     "SliceSettings",
     "decide",
+    "enabled",
     "next_settings",
 ]
 

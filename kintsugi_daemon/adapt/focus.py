@@ -21,31 +21,33 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
     if not history:
         return []
     o = history[-1]
+    detector = recipe.imaging.detectors[0]
     focused = [i for i, h in enumerate(history) if h.settings.auto_focus]
     since_index = focused[-1] if focused else 0
-    slices_since = o.slice_index - history[since_index].slice_index
-    if focused and slices_since + 1 < s.min_interval_slices:
-        return []
-    detector = recipe.imaging.detectors[0]
-    window = history[since_index:]
-    values = [h.images.sharpness.get(detector, 0.0) for h in window]
-    now, best = values[-1], max(values)
-    threshold = (1.0 - s.sharpness_drop) * best
-    measured = {"sharpness": now, "best_since_focus": best}
-    if now < threshold:
-        just_focused = focused and history[-1].settings.auto_focus
-        if s.stigmation and just_focused:
+    now = o.images.sharpness.get(detector, 0.0)
+    if focused and since_index == len(history) - 1:
+        # This slice was just focused: still soft against the best before the focus means astigmatism.
+        before = [h.images.sharpness.get(detector, 0.0) for h in history[:since_index]]
+        if s.stigmation and before and now < (1.0 - s.sharpness_drop) * max(before):
+            threshold = (1.0 - s.sharpness_drop) * max(before)
             return [
                 decision(
                     "focus",
                     "auto_stigmation",
                     o,
-                    measured=measured,
+                    measured={"sharpness": now, "best_before_focus": max(before)},
                     threshold=threshold,
                     change={"auto_stigmation": True},
                     why="sharpness still low right after an autofocus: correcting astigmatism",
                 )
             ]
+        return []
+    if focused and o.slice_index - history[since_index].slice_index < s.min_interval_slices:
+        return []
+    best = max(h.images.sharpness.get(detector, 0.0) for h in history[since_index:])
+    threshold = (1.0 - s.sharpness_drop) * best
+    measured = {"sharpness": now, "best_since_focus": best}
+    if now < threshold:
         return [
             decision(
                 "focus",

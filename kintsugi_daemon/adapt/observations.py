@@ -68,6 +68,11 @@ def _hann(shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(_filters.window("hann", shape))  # type: ignore[no-untyped-call]
 
 
+def _tapered_shift(ref: np.ndarray, cur: np.ndarray, upsample: int) -> tuple[float, float]:
+    taper = _hann(ref.shape)
+    return _phase_shift((ref - ref.mean()) * taper, (cur - cur.mean()) * taper, upsample)
+
+
 def _phase_shift(ref: np.ndarray, cur: np.ndarray, upsample: int) -> tuple[float, float]:
     shift, _, _ = _registration.phase_cross_correlation(  # type: ignore[no-untyped-call]
         ref, cur, upsample_factor=upsample, normalization=None
@@ -167,15 +172,28 @@ def fiducial_match(reference: np.ndarray, current: np.ndarray, upsample: int = 2
     ref, cur = _as_float(reference), _as_float(current)
     if ref.shape != cur.shape:
         raise ValueError(f"fiducial windows differ in shape: {ref.shape} vs {cur.shape}")
+    if float(ref.std()) == 0.0 or float(cur.std()) == 0.0:
+        return FiducialMatch(shift_x_px=0.0, shift_y_px=0.0, score=0.0)  # a blank window matches nothing
     # Mean removed and a Hann window: otherwise the windows' own edges (the same in both) dominate the
-    # correlation and pull the shift towards 0.
-    taper = _hann(ref.shape)
-    dy, dx = _phase_shift((ref - ref.mean()) * taper, (cur - cur.mean()) * taper, upsample)
-    registered = ndi.shift(cur, (dy, dx), order=1, mode="nearest")
-    my, mx = math.ceil(abs(dy)), math.ceil(abs(dx))
+    # correlation and pull the shift towards 0. The taper itself biases large shifts a little, so a second
+    # pass matches the overlap after undoing the first estimate and adds the (small) residual.
+    dy, dx = _tapered_shift(ref, cur, upsample)
     h, w = ref.shape
-    if 2 * my >= h - 4 or 2 * mx >= w - 4:
-        return FiducialMatch(shift_x_px=dx, shift_y_px=dy, score=0.0)  # no overlap left to compare
+    for _ in range(2):
+        my, mx = math.ceil(abs(dy)), math.ceil(abs(dx))
+        if 2 * my >= h - 16 or 2 * mx >= w - 16:
+            return FiducialMatch(shift_x_px=dx, shift_y_px=dy, score=0.0)  # no overlap left to compare
+        registered = ndi.shift(cur, (dy, dx), order=1, mode="nearest")
+        a2 = ref[my : h - my, mx : w - mx]
+        b2 = registered[my : h - my, mx : w - mx]
+        ry, rx = _tapered_shift(a2, b2, upsample)
+        if abs(ry) > 2 or abs(rx) > 2:
+            break  # the overlap does not agree with the first estimate: keep it, the score will say
+        dy, dx = dy + ry, dx + rx
+    my, mx = math.ceil(abs(dy)), math.ceil(abs(dx))
+    if 2 * my >= h - 16 or 2 * mx >= w - 16:
+        return FiducialMatch(shift_x_px=dx, shift_y_px=dy, score=0.0)
+    registered = ndi.shift(cur, (dy, dx), order=1, mode="nearest")
     a = ref[my : h - my, mx : w - mx].ravel()
     b = registered[my : h - my, mx : w - mx].ravel()
     sa, sb = float(a.std()), float(b.std())

@@ -25,6 +25,13 @@ def _deposits(history: Sequence[Observation]) -> list[int]:
     return [i for i, o in enumerate(history) if o.settings.deposit_pt]
 
 
+def _face_before(history: Sequence[Observation], i: int) -> float:
+    """The face a deposit infiltrated: the one before its slice was milled."""
+    if i > 0:
+        return history[i - 1].face_position_m
+    return history[0].face_position_m - history[0].settings.mill_thickness_m
+
+
 def effective_depth_factor(history: Sequence[Observation], recipe: Recipe) -> float:
     """How far earlier deposits really reached, as a fraction of their reported depth (<= 1)."""
     s = recipe.adapt.pt
@@ -36,7 +43,7 @@ def effective_depth_factor(history: Sequence[Observation], recipe: Recipe) -> fl
         for o in history[start + 1 : end]:
             seg = o.segmentation
             if seg is not None and (seg.unfilled_pore_share or 0.0) > s.max_unfilled_share:
-                reached = o.face_position_m - history[start].face_position_m
+                reached = o.face_position_m - _face_before(history, start)
                 factor = min(factor, max(reached, 0.0) / reported)
                 break
     return max(factor, 0.1)
@@ -82,7 +89,7 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
             )
     reported = history[last].infiltration_depth_m or s.assumed_infiltration_m
     depth = reported * effective_depth_factor(history, recipe)
-    advanced = latest.face_position_m - history[last].face_position_m
+    advanced = latest.face_position_m - _face_before(history, last)
     still_to_mill = LAG["pt"] * latest.settings.mill_thickness_m
     ahead = depth - advanced - still_to_mill
     if ahead < s.margin_m:
