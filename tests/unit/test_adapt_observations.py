@@ -26,7 +26,7 @@ TEXTURE = ndi.gaussian_filter(RNG.random((600, 700)), 3) * 60_000
 def window(dy: float, dx: float, noise: float = 150.0) -> np.ndarray:
     """A 128 x 256 window of the texture seen with the field of view moved by (dy, dx) pixels."""
     moved = ndi.shift(TEXTURE, (-dy, -dx), order=3)
-    return moved[200:328, 200:456] + RNG.normal(0, noise, (128, 256))
+    return np.asarray(moved[200:328, 200:456] + RNG.normal(0, noise, (128, 256)))
 
 
 @pytest.mark.parametrize(("dy", "dx"), [(0.0, 0.0), (3.0, -2.0), (-10.5, 7.25), (0.4, 0.0), (-25.0, 30.0)])
