@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from kintsugi_daemon.adapt.decisions import Decision, decision
 from kintsugi_daemon.adapt.observations import Observation
 from kintsugi_daemon.config import Recipe
-from kintsugi_daemon.states.steps import POLISH_REMOVAL_M
+from kintsugi_daemon.instrument import POLISH_REMOVAL_M
 
 __all__ = ["decide"]
 
