@@ -1,0 +1,140 @@
+"""The run's adaptive state between slices: observation history, the fiducial reference, decisions
+waiting for their slice, and the settings each slice is done with.
+
+No I/O: the controller feeds it what each slice measured and journals what it returns before anything
+takes effect. A run that restarts (crash, resume) rebuilds it from the slice JSON files it wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from kintsugi_daemon.adapt import decide
+from kintsugi_daemon.adapt.decisions import Decision, initial_settings, next_settings
+from kintsugi_daemon.adapt.observations import (
+    FiducialMatch,
+    Observation,
+    SliceSettings,
+    fiducial_match,
+    image_measures,
+    segmentation_observation,
+)
+from kintsugi_daemon.config import Recipe
+from kintsugi_daemon.inference.metrics import SliceMetrics
+
+__all__ = ["AdaptLoop"]
+
+# One-shot actions that a decision already waiting for an earlier (or the same) slice makes redundant:
+# Pt decided from slice i-1's segmentation for slice i+1 covers what slice i's segmentation asks again.
+_ONCE = ("deposit_pt", "stop")
+
+
+class AdaptLoop:
+    def __init__(self, recipe: Recipe, beam_shift_limit_m: float) -> None:
+        self.recipe = recipe
+        self.beam_shift_limit_m = beam_shift_limit_m
+        self.history: list[Observation] = []
+        self.pending: dict[int, list[Decision]] = {}
+        self.applied: dict[int, SliceSettings] = {}
+        self._reference: np.ndarray | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.recipe.adapt.policy == "adaptive"
+
+    def settings_for(self, index: int) -> SliceSettings:
+        """The settings slice `index` is done with: the previous slice's plus the decisions for it.
+        Raises `OutOfBounds` if a decision would leave the recipe's bounds (the run suspends)."""
+        if index in self.applied:
+            return self.applied[index]
+        previous = self.applied.get(index - 1) or initial_settings(self.recipe)
+        settings = next_settings(previous, self.pending.pop(index, []), self.recipe, self.beam_shift_limit_m)
+        if self._scheduled_pt(index):
+            settings = settings.model_copy(update={"deposit_pt": True})
+        self.applied[index] = settings
+        return settings
+
+    def _scheduled_pt(self, index: int) -> bool:
+        """Deposits not decided by a policy: the fixed schedule, or only the first slice's cap."""
+        if self.adaptive and self.recipe.adapt.pt.enabled:
+            return index == 0
+        k = self.recipe.pt.every_slices
+        return bool(k) and index % k == 0
+
+    def fiducial_window(self, images: Mapping[str, np.ndarray]) -> np.ndarray:
+        d = self.recipe.adapt.drift
+        image = images[self.recipe.imaging.detectors[0]]
+        return image[
+            d.fiducial_y_px : d.fiducial_y_px + d.fiducial_height_px,
+            d.fiducial_x_px : d.fiducial_x_px + d.fiducial_width_px,
+        ]
+
+    def observe(
+        self,
+        index: int,
+        images: Mapping[str, np.ndarray],
+        *,
+        face_position_m: float,
+        working_distance_m: float,
+        infiltration_depth_m: float | None = None,
+    ) -> Observation:
+        """Record what slice `index` measured (its images and the instrument's answers)."""
+        fiducial: FiducialMatch | None = None
+        if self.recipe.adapt.drift.enabled:
+            window = np.asarray(self.fiducial_window(images), dtype=np.float64)
+            if self._reference is None:
+                self._reference = window  # the first slice's view is where the run is meant to stay
+            fiducial = fiducial_match(self._reference, window)
+        previous = self.history[-1].face_position_m if self.history else None
+        obs = Observation(
+            slice_index=index,
+            settings=self.settings_for(index),
+            face_position_m=face_position_m,
+            thickness_m=None if previous is None else face_position_m - previous,
+            target_thickness_m=self.recipe.run.slice_thickness_m,
+            working_distance_m=working_distance_m,
+            beam_shift_limit_m=self.beam_shift_limit_m,
+            pixel_size_m=self.recipe.imaging.pixel_size_m,
+            infiltration_depth_m=infiltration_depth_m,
+            fiducial=fiducial,
+            images=image_measures(images, self.recipe.adapt.imaging.rose_k),
+        )
+        self.history.append(obs)
+        return obs
+
+    def attach_segmentation(self, index: int, metrics: SliceMetrics) -> Observation | None:
+        for n, obs in enumerate(self.history):
+            if obs.slice_index == index:
+                self.history[n] = obs.model_copy(update={"segmentation": segmentation_observation(metrics)})
+                return self.history[n]
+        return None
+
+    def decide(self) -> list[Decision]:
+        """The policies' decisions on the history so far. Changes are queued for the slices they apply to
+        (the caller journals every returned decision before the next slice starts); a `suspend` is only
+        returned, for the caller to act on. A policy that raises propagates."""
+        if not self.adaptive or not self.history:
+            return []
+        fresh = []
+        for d in decide(self.history, self.recipe):
+            if d.action in _ONCE and any(
+                p.action == d.action
+                for slice_, waiting in self.pending.items()
+                if slice_ <= d.applies_to_slice
+                for p in waiting
+            ):
+                continue
+            if d.action != "suspend":
+                self.pending.setdefault(d.applies_to_slice, []).append(d)
+            fresh.append(d)
+        return fresh
+
+    def stop_before(self, index: int) -> Decision | None:
+        """A stop rule that ends the run before slice `index` is milled, if one was decided."""
+        for slice_, waiting in self.pending.items():
+            for d in waiting:
+                if d.action == "stop" and slice_ <= index:
+                    return d
+        return None
