@@ -86,8 +86,15 @@ async def _export_variant(
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete folder: drop a stale one before the first file is overwritten.
     (out / "dataset.json").unlink(missing_ok=True)
+    # No thermal drift: the with-Pt variant spends more instrument time (deposits) and would drift apart.
     sim = make_simulator(
-        size, preset=preset, seed=seed, geometry=geometry, time_scale=0.0, cache_dir=cache_dir
+        size,
+        preset=preset,
+        seed=seed,
+        geometry=geometry,
+        time_scale=0.0,
+        cache_dir=cache_dir,
+        thermal_drift=False,
     )
     slices: list[dict[str, Any]] = []
     async for outcome in fixed_schedule(sim, recipe):

@@ -70,8 +70,11 @@ def make_simulator(
     cache_dir: Path | None = None,
     faults: list[FaultSpec] | None = None,
     progress: Callable[[float], None] | None = None,
+    thermal_drift: bool = True,
 ) -> SimulatedDualBeam:
     params = specimen_params(size, preset=preset, seed=seed, geometry=geometry)
     specimen = build_specimen(params, cache_dir=cache_dir or default_cache_dir(), progress=progress)
-    settings = SimulatorSettings(time_scale=time_scale, seed=seed, serial=f"SIM-{seed:04d}")
+    settings = SimulatorSettings(
+        time_scale=time_scale, seed=seed, serial=f"SIM-{seed:04d}", thermal_drift=thermal_drift
+    )
     return SimulatedDualBeam(specimen, settings, faults)

@@ -33,6 +33,8 @@ from kintsugi_daemon.drivers.base import (
     DepositResult,
     EdxRequest,
     EdxResult,
+    FiducialRequest,
+    FiducialResult,
     GisState,
     InstrumentBusy,
     InstrumentFault,
@@ -55,8 +57,11 @@ from kintsugi_daemon.instrument import (
     GIS_MIN_OPERATING_K,
     POLISH_REMOVAL_M,
     SEM_FIB_ANGLE_DEG,
+    SIN_SEM_FIB,
 )
+from simulator.drift import Drift
 from simulator.faults import FaultPlan, FaultSpec
+from simulator.fiducial import Fiducial, paint_fiducial
 from simulator.imaging import (
     DetectorSetting,
     FaceView,
@@ -67,6 +72,7 @@ from simulator.imaging import (
     render_edx,
 )
 from simulator.infiltration import infiltrate
+from simulator.materials import CANONICAL_CLASSES
 from simulator.specimen import Specimen
 
 __all__ = ["DEPTH_AHEAD_VOX", "SimulatedDualBeam", "SimulatorSettings", "check_fault_applicable"]
@@ -75,8 +81,6 @@ T = TypeVar("T")
 
 DEPTH_AHEAD_VOX = 128  # planes behind the face the renderer may see through pores (5.1 um at 40 nm)
 CAP_EROSION_PER_MILL_M = 2e-9
-DRIFT_NM_PER_SQRT_S = 0.4  # random walk: ~3 nm after a minute
-POST_MILL_JUMP_M = 25e-9
 INFILTRATION_PER_THICKNESS = 5.0  # infiltration depth per deposited thickness (choice; DOMAIN sweep 0.2-5 um)
 MAX_INFILTRATION_M = 5e-6
 THROAT_RADIUS_M = 40e-9
@@ -86,7 +90,17 @@ ASTIGMATISM_WALK_M = 0.5e-6  # astigmatic focal difference random walk per frame
 
 # Verbs that run as an operation (serialised, stoppable): the only ones a `hang` can act on.
 OPERATION_VERBS = frozenset(
-    {"move_stage", "set_ion_beam", "deposit_pt", "mill", "polish", "acquire", "auto_function", "edx_map"}
+    {
+        "move_stage",
+        "set_ion_beam",
+        "deposit_pt",
+        "mill",
+        "polish",
+        "mill_fiducial",
+        "acquire",
+        "auto_function",
+        "edx_map",
+    }
 )
 # Faults that act on the one call they fire on, and the verbs where that call can be affected.
 _FAULT_VERBS: dict[str, frozenset[str]] = {
@@ -142,6 +156,7 @@ class SimulatorSettings:
     time_scale: float = 1.0  # real seconds per simulated second; 0 = instant
     seed: int = 0
     serial: str = "SIM-0001"
+    thermal_drift: bool = True  # off for datasets: with/without-Pt variants spend different times
 
 
 @dataclass
@@ -207,7 +222,10 @@ class SimulatedDualBeam:
             rotation_deg=0.0,
         )
         self._beam_shift = BeamShift(x_m=0.0, y_m=0.0)
-        self._drift = np.zeros(2)  # sample drift (x, y) in metres
+        self._stage0 = self._stage
+        self._drift = Drift(self._rng_drift, self._rng_jump, thermal=settings.thermal_drift)
+        self.fiducial: Fiducial | None = None
+        self.truth: list[dict[str, float]] = []  # per image: what the daemon should have measured
         self._vacuum_ok = True
         self._busy: str | None = None
         self._patterning: Literal["idle", "running", "paused"] = "idle"
@@ -318,7 +336,7 @@ class SimulatedDualBeam:
         return await _finish(asyncio.ensure_future(work))
 
     def _drift_walk(self, seconds: float) -> None:
-        self._drift += self._rng_drift.normal(0.0, DRIFT_NM_PER_SQRT_S * 1e-9 * math.sqrt(seconds), 2)
+        self._drift.advance(seconds)
 
     def _required_wd_m(self) -> float:
         recession = self._face.position_m
@@ -334,8 +352,17 @@ class SimulatedDualBeam:
         if self.geometry == "cross_section":
             # A fixed beam meets a receding face lower down: the y-correction Slice & View applies.
             y += self._face.position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
-        x += self._beam_shift.x_m - self._drift[0]
-        y += self._beam_shift.y_m - self._drift[1]
+        x += self._beam_shift.x_m - self._drift.position_m[0]
+        y += self._beam_shift.y_m - self._drift.position_m[1]
+        return (x, y)
+
+    def _fov_error_m(self) -> tuple[float, float]:
+        """Where the field of view is against where an ideal run keeps it (no drift, ideal y-correction,
+        the stage where it started): the drift residual the daemon leaves."""
+        x = self._beam_shift.x_m - self._drift.position_m[0] - (self._stage.x_m - self._stage0.x_m)
+        y = self._beam_shift.y_m - self._drift.position_m[1] + (self._stage0.y_m - self._stage.y_m)
+        if self.geometry == "cross_section":
+            y += self._face.position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
         return (x, y)
 
     # --- identity and state -----------------------------------------------------------------------
@@ -558,7 +585,7 @@ class SimulatedDualBeam:
             self._face.position_m += removed * done
             self._face.polish_passes = 0
             self._face.cap_m = max(self._face.cap_m - CAP_EROSION_PER_MILL_M, 0.0)
-            self._drift += self._rng_jump.normal(0.0, POST_MILL_JUMP_M, 2)
+            self._drift.jump()
             self._refresh_curtain(request.current_a)
             if cut is not None:
                 raise cut
@@ -597,6 +624,27 @@ class SimulatedDualBeam:
                 )
             return MillResult(
                 duration_s=duration, removed_m=removed, face_position_m=self._face.position_m, completed=True
+            )
+
+    async def mill_fiducial(
+        self, request: FiducialRequest, *, deadline_s: float | None = None
+    ) -> FiducialResult:
+        async with self._operation("mill_fiducial"):
+            self._mill_checks("mill_fiducial", request.species)
+            volume = request.size_m**2 * request.depth_m * 0.4  # an X in a frame: ~40% of the square
+            duration = timing.mill_time_s(
+                volume, request.current_a * self._current_factor(), request.species, "pt"
+            )
+            if await self._spend(duration) < 1.0:
+                raise AbortedError("mill_fiducial stopped", detail={"verb": "mill_fiducial"})
+            x0, y0 = self._origin_m(0.0)  # the centre line across, the top of the field down
+            self.fiducial = Fiducial(x0 + request.offset_x_m, y0 + request.offset_y_m, request.size_m)
+            self._drift.jump()  # patterning disturbs the specimen like a mill does
+            return FiducialResult(
+                duration_s=duration,
+                offset_x_m=request.offset_x_m,
+                offset_y_m=request.offset_y_m,
+                size_m=request.size_m,
             )
 
     async def stop(self, *, deadline_s: float | None = None) -> StopResult:
@@ -672,6 +720,18 @@ class SimulatedDualBeam:
                 rendered = await _finish(rendering)
             if done < 1.0:
                 raise AbortedError("acquire stopped mid-frame", detail={"verb": "acquire"})
+            if self.fiducial is not None:
+                y_scale = 1.0 / SIN_SEM_FIB if self.geometry == "cross_section" else 1.0
+                paint_fiducial(
+                    rendered.images,
+                    rendered.labels,
+                    self.fiducial,
+                    cond.origin_m,
+                    request.pixel_size_m,
+                    y_scale,
+                    self._rng_image,
+                )
+            self._record_truth(cond, rendered.labels)
             self.last_labels = rendered.labels
             self._last_conditions = cond
             self._optics.astigmatism += float(self._rng_jump.normal(0.0, ASTIGMATISM_WALK_M))
@@ -762,6 +822,27 @@ class SimulatedDualBeam:
 
     # --- test-only views --------------------------------------------------------------------------
 
+    def inject_drift(self, dx_m: float, dy_m: float) -> None:
+        self._drift.inject(dx_m, dy_m)
+
+    def _record_truth(self, cond: ImagingConditions, labels: np.ndarray) -> None:
+        ex, ey = self._fov_error_m()
+        self.truth.append(
+            {
+                "slice_index": float(self._face.slice_index),
+                "face_position_m": self._face.position_m,
+                "fov_error_x_m": ex,
+                "fov_error_y_m": ey,
+                "drift_x_m": float(self._drift.position_m[0]),
+                "drift_y_m": float(self._drift.position_m[1]),
+                "defocus_m": cond.defocus_m,
+                "astigmatism": cond.astigmatism,
+                "pore_px": float(np.count_nonzero(labels == CANONICAL_CLASSES["pore"])),
+                "unfilled_pore_px": float(np.count_nonzero(labels == CANONICAL_CLASSES["unfilled_pore"])),
+                "instrument_time_s": self._instrument_s,
+            }
+        )
+
     def face_report(self) -> dict[str, object]:
         fi = self.face_index
         return {
@@ -769,6 +850,10 @@ class SimulatedDualBeam:
             "face_position_m": self._face.position_m,
             "slice_index": self._face.slice_index,
             "pt_voxels_ahead": int(self.pt[fi : fi + DEPTH_AHEAD_VOX].sum()),
+            "drift_m": [float(v) for v in self._drift.position_m],
+            "fov_error_m": list(self._fov_error_m()),
+            "defocus_m": self._optics.wd_set_m - self._required_wd_m(),
+            "fiducial": None if self.fiducial is None else self.fiducial.__dict__,
             "cap_thickness_m": self._face.cap_m,
             "instrument_time_s": self._instrument_s,
             "faults": self.faults.describe(time.monotonic()),

@@ -2,8 +2,9 @@
 takes it over; a poor match suspends the run (lag 1).
 
 Convention: the fiducial match's shift is what moves the current image onto the reference, so the beam
-shift offset that cancels the drift is the current offset minus the shift (in metres). The offset rides on
-top of the y-correction the imaging step applies for the receding face.
+shift offset that cancels the drift is the current offset minus the shift, in face-plane metres (the same
+frame as the y-correction: rows are foreshortened in cross-section). The offset rides on top of the
+y-correction the imaging step applies for the receding face.
 """
 
 from __future__ import annotations
@@ -65,9 +66,8 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
         ]
     if step <= s.deadband_px:
         return []
-    px = o.pixel_size_m
-    x = o.settings.beam_shift_offset_x_m - fid.shift_x_px * px
-    y = o.settings.beam_shift_offset_y_m - fid.shift_y_px * px
+    x = o.settings.beam_shift_offset_x_m - fid.shift_x_px * o.pixel_size_m
+    y = o.settings.beam_shift_offset_y_m - fid.shift_y_px * o.pixel_size_y_m
     near = s.stage_fraction * o.beam_shift_limit_m
     if abs(x) > near or abs(y) > near:
         # Hand the whole accumulated offset to the stage; the beam goes back to its centre. The stage

@@ -23,6 +23,7 @@ from kintsugi_daemon.adapt.observations import (
 )
 from kintsugi_daemon.config import Recipe
 from kintsugi_daemon.inference.metrics import SliceMetrics
+from kintsugi_daemon.instrument import SIN_SEM_FIB
 
 __all__ = ["AdaptLoop"]
 
@@ -88,6 +89,7 @@ class AdaptLoop:
                 self._reference = window  # the first slice's view is where the run is meant to stay
             fiducial = fiducial_match(self._reference, window)
         previous = self.history[-1].face_position_m if self.history else None
+        cross = self.recipe.run.geometry == "cross_section"
         obs = Observation(
             slice_index=index,
             settings=self.settings_for(index),
@@ -97,6 +99,7 @@ class AdaptLoop:
             working_distance_m=working_distance_m,
             beam_shift_limit_m=self.beam_shift_limit_m,
             pixel_size_m=self.recipe.imaging.pixel_size_m,
+            pixel_size_y_m=self.recipe.imaging.pixel_size_m / (SIN_SEM_FIB if cross else 1.0),
             infiltration_depth_m=infiltration_depth_m,
             fiducial=fiducial,
             images=image_measures(images, self.recipe.adapt.imaging.rose_k),

@@ -137,6 +137,8 @@ class Observation(_Record):
     working_distance_m: float
     beam_shift_limit_m: float = Field(gt=0)
     pixel_size_m: float = Field(gt=0)
+    # Face-plane metres per image row: a cross-section face is foreshortened by sin 52 deg (DOMAIN.md).
+    pixel_size_y_m: float = Field(gt=0)
     infiltration_depth_m: float | None = None  # what this slice's deposit reported, if it deposited
     fiducial: FiducialMatch | None  # None: not imaged (drift correction off)
     images: ImageMeasures

@@ -14,6 +14,7 @@ from kintsugi_daemon.adapt.observations import (
     SliceSettings,
 )
 from kintsugi_daemon.config import Recipe, parse_recipe
+from kintsugi_daemon.instrument import SIN_SEM_FIB
 
 ADAPTIVE = """
 [run]
@@ -63,6 +64,7 @@ def observation(
         working_distance_m=4e-3,
         beam_shift_limit_m=LIMIT_M,
         pixel_size_m=recipe.imaging.pixel_size_m,
+        pixel_size_y_m=recipe.imaging.pixel_size_m / SIN_SEM_FIB,
         infiltration_depth_m=infiltration_m,
         fiducial=FiducialMatch(shift_x_px=shift_px[0], shift_y_px=shift_px[1], score=score)
         if fiducial

@@ -101,6 +101,7 @@ def random_observation(
         working_distance_m=rng.uniform(3e-3, 5e-3),
         beam_shift_limit_m=limit_m,
         pixel_size_m=recipe.imaging.pixel_size_m,
+        pixel_size_y_m=recipe.imaging.pixel_size_m * 1.27,
         infiltration_depth_m=rng.choice([None, rng.uniform(0.05e-6, 5e-6)]) if settings.deposit_pt else None,
         fiducial=None
         if rng.random() < 0.03
@@ -140,7 +141,7 @@ def assert_within_bounds(d: Decision, recipe: Recipe, limit_m: float, latest: in
         if f"beam_shift_offset_{axis}_m" in c:
             assert abs(c[f"beam_shift_offset_{axis}_m"]) <= a.drift.stage_fraction * limit_m, d
         if f"stage_move_{axis}_m" in c:
-            step = a.drift.max_step_px * img.pixel_size_m
+            step = a.drift.max_step_px * img.pixel_size_m * 1.27
             assert abs(c[f"stage_move_{axis}_m"]) <= a.drift.stage_fraction * limit_m + step, d
     if d.action in ("suspend", "stop"):
         assert c == {}

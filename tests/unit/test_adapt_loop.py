@@ -10,6 +10,7 @@ from scipy import ndimage as ndi
 from kintsugi_daemon.adapt.loop import AdaptLoop
 from kintsugi_daemon.inference.contract import CANONICAL_CLASSES
 from kintsugi_daemon.inference.metrics import slice_metrics
+from kintsugi_daemon.instrument import SIN_SEM_FIB
 from tests.support.histories import LIMIT_M, adaptive_recipe
 
 RNG = np.random.default_rng(3)
@@ -45,7 +46,7 @@ def test_drift_measured_on_the_fiducial_goes_to_the_next_slice() -> None:
     nxt = loop.settings_for(2)
     # Content moved by -3 px in x: the field of view moved +3 px; the beam shift takes it back.
     assert nxt.beam_shift_offset_x_m == pytest.approx(-3.0 * px, abs=0.2 * px)
-    assert nxt.beam_shift_offset_y_m == pytest.approx(2.0 * px, abs=0.2 * px)
+    assert nxt.beam_shift_offset_y_m == pytest.approx(2.0 * px / SIN_SEM_FIB, abs=0.2 * px)
 
 
 def test_a_lost_fiducial_is_a_suspend_not_a_queued_change() -> None:

@@ -17,6 +17,7 @@ from kintsugi_daemon.adapt import (
 )
 from kintsugi_daemon.adapt.decisions import OutOfBounds, initial_settings
 from kintsugi_daemon.config import parse_recipe
+from kintsugi_daemon.instrument import SIN_SEM_FIB
 from tests.support.histories import ADAPTIVE, LIMIT_M, adaptive_recipe, clean_history, observation
 
 R = adaptive_recipe()
@@ -86,7 +87,8 @@ def test_drift_goes_to_beam_shift_as_a_whole_point() -> None:
     (d,) = drift.decide(history, R)
     px = R.imaging.pixel_size_m
     assert d.action == "beam_shift" and d.applies_to_slice == 4
-    assert d.change == pytest.approx({"beam_shift_offset_x_m": 1e-7 - 2 * px, "beam_shift_offset_y_m": px})
+    py = px / SIN_SEM_FIB  # face-plane metres per row: a cross-section is foreshortened
+    assert d.change == pytest.approx({"beam_shift_offset_x_m": 1e-7 - 2 * px, "beam_shift_offset_y_m": py})
 
 
 def test_drift_within_deadband_changes_nothing() -> None:
