@@ -71,7 +71,7 @@ from simulator.imaging import (
     render,
     render_edx,
 )
-from simulator.infiltration import infiltrate
+from simulator.infiltration import infiltrate, infiltration_factor
 from simulator.materials import CANONICAL_CLASSES
 from simulator.specimen import Specimen
 
@@ -516,7 +516,10 @@ class SimulatedDualBeam:
             self._face.cap_m += thickness  # booked first: the infiltration below takes a while
             # Warmer precursor flows further into the pores (choice: linear in the temperature above 300 K).
             temp_factor = min(1.0 + (reached - 303.0) / 30.0, 1.5)
-            depth_m = min(thickness * INFILTRATION_PER_THICKNESS * temp_factor, MAX_INFILTRATION_M)
+            nominal_m = min(thickness * INFILTRATION_PER_THICKNESS * temp_factor, MAX_INFILTRATION_M)
+            # Dense bands along the run stop the precursor sooner; the instrument reports only the nominal
+            # reach (a real one cannot see into the pores), the truth is on /test/truth.
+            depth_m = nominal_m * infiltration_factor(self._face.position_m, self.settings.seed)
             depth_vox = math.ceil(depth_m / self.voxel_m)
             fi = self.face_index
             if depth_vox > 0 and fi < self.pt.shape[0]:
@@ -535,7 +538,7 @@ class SimulatedDualBeam:
             return DepositResult(
                 duration_s=duration,
                 thickness_m=thickness,
-                infiltration_depth_m=depth_m,
+                infiltration_depth_m=nominal_m,
                 cap_thickness_m=self._face.cap_m,
             )
 

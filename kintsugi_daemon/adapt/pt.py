@@ -4,9 +4,9 @@ Instead of a deposit every k slices, re-deposit when either
 - the latest segmented slice since the last deposit shows more unfilled pores than the threshold (the
   infiltration front has been reached), or
 - the infiltration estimated to remain ahead of the face when the decision takes effect is below the
-  margin: the depth the last deposit reported (or the recipe's assumption), scaled down by what earlier
-  deposits turned out to reach (the face advance at which their unfilled share crossed the threshold),
-  minus the face advance since, minus the slices still to be milled before the decision applies, or
+  margin: the depth the last deposit reported (an instrument's estimate, or the recipe's assumption),
+  scaled by what recent deposits turned out to reach (`effective_depth_factor`), minus the face advance
+  since, minus the slices still to be milled before the decision applies, or
 - `max_interval_slices` have passed (a bound for a blind spot), and never within `min_interval_slices`.
 """
 
@@ -19,6 +19,8 @@ from kintsugi_daemon.adapt.observations import Observation
 from kintsugi_daemon.config import Recipe
 
 __all__ = ["decide", "effective_depth_factor"]
+
+_PROBE = 1.15  # growth of the reach estimate per deposit that was not outrun
 
 
 def _deposits(history: Sequence[Observation]) -> list[int]:
@@ -33,20 +35,30 @@ def _face_before(history: Sequence[Observation], i: int) -> float:
 
 
 def effective_depth_factor(history: Sequence[Observation], recipe: Recipe) -> float:
-    """How far earlier deposits really reached, as a fraction of their reported depth (<= 1)."""
+    """How far deposits really reach, as a fraction of their reported depth, from what the last ones did.
+
+    A deposit whose pores went unfilled after an advance `a` reached a / reported: the factor is set to
+    that. A deposit that was followed by the next one before any pore went unfilled says only that the
+    reach was enough, so the factor grows by `_PROBE` (bands of dense electrode come and go along the
+    run: a factor learnt in one must not hold for the rest of the night).
+    """
     s = recipe.adapt.pt
     factor = 1.0
     deposits = _deposits(history)
     for n, start in enumerate(deposits):
         end = deposits[n + 1] if n + 1 < len(deposits) else len(history)
         reported = history[start].infiltration_depth_m or s.assumed_infiltration_m
+        crossed = False
         for o in history[start + 1 : end]:
             seg = o.segmentation
             if seg is not None and (seg.unfilled_pore_share or 0.0) > s.max_unfilled_share:
                 reached = o.face_position_m - _face_before(history, start)
-                factor = min(factor, max(reached, 0.0) / reported)
+                factor = max(reached, 0.0) / reported
+                crossed = True
                 break
-    return max(factor, 0.1)
+        if not crossed and n + 1 < len(deposits):
+            factor *= _PROBE
+    return min(max(factor, 0.1), 1.0)
 
 
 def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
