@@ -6,9 +6,12 @@ decisions to the settings the last slice used and refuses (raises `OutOfBounds`)
 recipe's bounds, so a policy bug suspends the run instead of milling on a bad value.
 
 Lags (the slice a decision applies to, counted from the slice whose observation it read):
-image-based policies (drift, focus, thickness, curtaining, imaging) apply to the next slice (lag 1);
-policies that read the segmentation (Pt re-deposition, collector/region stop rules) apply to slice i+2
-(lag 2), so that segmenting slice i keeps overlapping slice i+1's milling and imaging.
+image-based decisions (drift, focus, thickness, curtaining, imaging, the Pt estimate of the infiltration
+left, the target depth) apply to the next slice (lag 1); decisions that read the segmentation (Pt from the
+unfilled-pore share, the collector/region stop rules) apply to slice i+2 (lag 2), so that segmenting
+slice i keeps overlapping slice i+1's milling and imaging. The daemon's adapt step of slice i+1 waits for
+slice i's segmentation, so a lag-2 decision is never late; one that would be (segmentation off the
+overlap) applies to the next slice instead.
 """
 
 from __future__ import annotations
@@ -92,12 +95,14 @@ def decision(
     threshold: float | None,
     change: dict[str, ChangeValue],
     why: str,
+    lag: int | None = None,
 ) -> Decision:
+    """A decision read from `basis`, applying `lag` slices later (the policy's usual lag by default)."""
     return Decision(
         policy=policy,
         action=action,
         basis_slice=basis.slice_index,
-        applies_to_slice=basis.slice_index + LAG[policy],
+        applies_to_slice=basis.slice_index + (LAG[policy] if lag is None else lag),
         measured=measured,
         threshold=threshold,
         change=change,

@@ -27,8 +27,8 @@ from kintsugi_daemon.instrument import SIN_SEM_FIB
 
 __all__ = ["AdaptLoop"]
 
-# One-shot actions that a decision already waiting for an earlier (or the same) slice makes redundant:
-# Pt decided from slice i-1's segmentation for slice i+1 covers what slice i's segmentation asks again.
+# One-shot actions that one already done or waiting makes redundant: Pt decided from slice i-1's
+# segmentation for slice i+1 covers what slice i's segmentation (taken before that deposit) asks again.
 _ONCE = ("deposit_pt", "stop")
 
 
@@ -121,18 +121,32 @@ class AdaptLoop:
         if not self.adaptive or not self.history:
             return []
         fresh = []
+        now = self.history[-1].slice_index
         for d in decide(self.history, self.recipe):
-            if d.action in _ONCE and any(
-                p.action == d.action
-                for slice_, waiting in self.pending.items()
-                if slice_ <= d.applies_to_slice
-                for p in waiting
-            ):
+            if d.applies_to_slice <= now:  # read from a segmentation that came late: as soon as possible
+                d = d.model_copy(update={"applies_to_slice": now + 1})
+            if self._already_covered(d):
                 continue
             if d.action != "suspend":
                 self.pending.setdefault(d.applies_to_slice, []).append(d)
             fresh.append(d)
         return fresh
+
+    def _already_covered(self, d: Decision) -> bool:
+        """A deposit (or stop) already applied after the evidence was taken, or waiting for a slice up to
+        this one, answers the same evidence: a second would only cost time."""
+        if d.action not in _ONCE:
+            return False
+        if d.action == "deposit_pt" and any(
+            s.deposit_pt for i, s in self.applied.items() if d.basis_slice < i <= d.applies_to_slice
+        ):
+            return True
+        return any(
+            p.action == d.action
+            for slice_, waiting in self.pending.items()
+            if slice_ <= d.applies_to_slice
+            for p in waiting
+        )
 
     def stop_before(self, index: int) -> Decision | None:
         """A stop rule that ends the run before slice `index` is milled, if one was decided."""

@@ -63,31 +63,30 @@ def effective_depth_factor(history: Sequence[Observation], recipe: Recipe) -> fl
 
 def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
     s = recipe.adapt.pt
-    if not history:
-        return []
-    latest = history[-1]
     deposits = _deposits(history)
     if not deposits:
-        return []  # the first slice deposits by itself (initial_settings)
-    last = deposits[-1]
-    target = latest.slice_index + LAG["pt"]
-    since = target - history[last].slice_index
-    if since < s.min_interval_slices:
-        return []
+        return []  # the first slice deposits by itself (the loop's schedule)
+    latest, last = history[-1], deposits[-1]
 
-    def deposit(measured: dict[str, float], threshold: float, why: str) -> list[Decision]:
+    def deposit(
+        basis: Observation, lag: int, measured: dict[str, float], threshold: float, why: str
+    ) -> list[Decision]:
+        if basis.slice_index + lag - history[last].slice_index < s.min_interval_slices:
+            return []
         return [
             decision(
                 "pt",
                 "deposit_pt",
-                latest,
+                basis,
                 measured=measured,
                 threshold=threshold,
                 change={"deposit_pt": True},
                 why=why,
+                lag=lag,
             )
         ]
 
+    # Segmentation evidence (lag 2: slice i's segmentation overlaps slice i+1's instrument work).
     segmented = [o for o in history[last + 1 :] if o.segmentation is not None]
     if segmented:
         seg = segmented[-1].segmentation
@@ -95,23 +94,31 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
         share = seg.unfilled_pore_share or 0.0
         if share > s.max_unfilled_share:
             return deposit(
-                {"unfilled_pore_share": share, "slice": float(segmented[-1].slice_index)},
+                segmented[-1],
+                LAG["pt"],
+                {"unfilled_pore_share": share},
                 s.max_unfilled_share,
                 f"slice {segmented[-1].slice_index} shows {share:.1%} of its pores unfilled",
             )
+    # The estimate needs no segmentation (lag 1): without a deposit now, the next slice is imaged with
+    # what is left after one more mill.
     reported = history[last].infiltration_depth_m or s.assumed_infiltration_m
     depth = reported * effective_depth_factor(history, recipe)
     advanced = latest.face_position_m - _face_before(history, last)
-    still_to_mill = LAG["pt"] * latest.settings.mill_thickness_m
-    ahead = depth - advanced - still_to_mill
+    ahead = depth - advanced - latest.settings.mill_thickness_m
     if ahead < s.margin_m:
         return deposit(
+            latest,
+            1,
             {"infiltration_ahead_m": ahead, "infiltration_depth_m": depth},
             s.margin_m,
-            f"about {ahead * 1e9:.0f} nm of infiltrated pores left ahead of slice {target}",
+            f"about {ahead * 1e9:.0f} nm of infiltrated pores left ahead of slice {latest.slice_index + 1}",
         )
+    since = latest.slice_index + 1 - history[last].slice_index
     if since >= s.max_interval_slices:
         return deposit(
+            latest,
+            1,
             {"slices_since_deposit": float(since)},
             float(s.max_interval_slices),
             f"{since} slices since the last deposit (the recipe's maximum interval)",

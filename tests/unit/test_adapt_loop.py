@@ -66,13 +66,16 @@ def test_pt_is_not_decided_twice_for_the_same_front() -> None:
     recipe = adaptive_recipe("[imaging]\nwidth_px = 768\nheight_px = 512\n[adapt.drift]\nenabled = false\n")
     loop = AdaptLoop(recipe, LIMIT_M)
     for i in range(4):
-        loop.observe(i, frame(), face_position_m=(i + 1) * 40e-9, working_distance_m=4e-3)
+        reach = 2e-6 if loop.settings_for(i).deposit_pt else None
+        loop.observe(
+            i, frame(), face_position_m=(i + 1) * 40e-9, working_distance_m=4e-3, infiltration_depth_m=reach
+        )
         if i >= 2:
             loop.attach_segmentation(i - 1, slice_metrics(labels(0.2), 40e-9))
         pt = [d for d in loop.decide() if d.policy == "pt"]
-        assert len(pt) == (1 if i == 2 else 0)  # slice 3's new evidence is covered by the pending deposit
+        assert len(pt) == (1 if i == 2 else 0)  # slice 2's evidence predates the deposit on slice 3
         loop.settings_for(i + 1)
-    assert loop.settings_for(4).deposit_pt and not loop.settings_for(3).deposit_pt
+    assert loop.settings_for(3).deposit_pt and not loop.settings_for(4).deposit_pt
 
 
 def test_fixed_policy_follows_the_schedule_and_decides_nothing() -> None:

@@ -45,11 +45,12 @@ def test_pt_deposits_when_unfilled_pores_appear_for_slice_i_plus_2() -> None:
 
 
 def test_pt_deposits_before_the_reported_infiltration_runs_out() -> None:
-    # Deposit on slice 0 reaching 0.5 um; 40 nm slices: 0.5 um - margin 0.1 um - 2 slices still to mill.
-    history = [observation(R, i, unfilled=0.0, infiltration_m=0.5e-6 if i == 0 else None) for i in range(6)]
-    assert pt.decide(history, R) == []  # 0.5 - 0.24 milled - 0.08 still to mill = 0.18 um ahead
-    history += [observation(R, i, unfilled=0.0) for i in range(6, 9)]
-    (d,) = pt.decide(history, R)  # 0.5 - 0.36 - 0.08 = 0.06 um: under the 0.1 um margin
+    # Deposit on slice 0 reaching 0.5 um, 40 nm slices, margin 0.1 um. Lag 1: the next slice is imaged
+    # after one more mill with whatever is left.
+    history = [observation(R, i, unfilled=0.0, infiltration_m=0.5e-6 if i == 0 else None) for i in range(8)]
+    assert pt.decide(history, R) == []  # 0.5 - 0.32 milled - 0.04 next = 0.14 um ahead
+    history += [observation(R, i, unfilled=0.0) for i in range(8, 10)]
+    (d,) = pt.decide(history, R)  # 0.5 - 0.40 - 0.04 = 0.06 um: under the margin
     assert d.measured["infiltration_ahead_m"] == pytest.approx(0.06e-6) and d.applies_to_slice == 10
 
 
@@ -59,9 +60,9 @@ def test_pt_learns_that_infiltration_fell_short_of_the_report() -> None:
     history.append(observation(R, 9, unfilled=0.2))
     history.append(observation(R, 10, unfilled=0.2, settings={"deposit_pt": True}, infiltration_m=2e-6))
     assert pt.effective_depth_factor(history, R) == pytest.approx(0.4e-6 / 2e-6)  # reached 10 slices
-    history += [observation(R, i, unfilled=0.0) for i in range(11, 15)]
-    assert pt.decide(history, R) == []  # 0.4 um expected - 0.2 advanced - 0.08 to mill = 0.12 ahead
-    history.append(observation(R, 15, unfilled=0.0))
+    history += [observation(R, i, unfilled=0.0) for i in range(11, 16)]
+    assert pt.decide(history, R) == []  # 0.4 um expected - 0.24 advanced - 0.04 next = 0.12 um ahead
+    history.append(observation(R, 16, unfilled=0.0))
     (d,) = pt.decide(history, R)
     assert d.measured["infiltration_depth_m"] == pytest.approx(0.4e-6) and d.applies_to_slice == 17
 
@@ -71,7 +72,7 @@ def test_pt_respects_min_and_max_interval() -> None:
     history = [observation(r, i, unfilled=0.0, infiltration_m=50e-6 if i == 0 else None) for i in range(2)]
     history.append(observation(r, 2, unfilled=0.5))
     assert pt.decide(history, r) == []  # slice 4 would be 4 after the last deposit: under the minimum
-    history = [observation(r, i, unfilled=0.0, infiltration_m=50e-6 if i == 0 else None) for i in range(7)]
+    history = [observation(r, i, unfilled=0.0, infiltration_m=50e-6 if i == 0 else None) for i in range(8)]
     (d,) = pt.decide(history, r)
     assert d.measured == {"slices_since_deposit": 8.0} and d.applies_to_slice == 8
 
