@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from kintsugi_daemon.adapt import decide
 from kintsugi_daemon.adapt.loop import AdaptLoop
 from kintsugi_daemon.inference.contract import CANONICAL_CLASSES
 from kintsugi_daemon.inference.metrics import slice_metrics
@@ -93,3 +94,18 @@ def test_fixed_policy_follows_the_schedule_and_decides_nothing() -> None:
     ]
     loop.observe(0, frame(dx=30), face_position_m=40e-9, working_distance_m=4e-3)
     assert loop.decide() == []
+
+
+def test_a_waiting_deposit_covers_new_evidence_of_the_same_front() -> None:
+    recipe = adaptive_recipe("[imaging]\nwidth_px = 768\nheight_px = 512\n[adapt.drift]\nenabled = false\n")
+    loop = AdaptLoop(recipe, LIMIT_M)
+    for i in range(4):
+        reach = 2e-6 if loop.settings_for(i).deposit_pt else None
+        loop.observe(
+            i, frame(), face_position_m=(i + 1) * 40e-9, working_distance_m=4e-3, infiltration_depth_m=reach
+        )
+    loop.attach_segmentation(3, slice_metrics(labels(0.2), 40e-9))
+    (evidence,) = [d for d in decide(loop.history, recipe) if d.policy == "pt"]
+    assert evidence.applies_to_slice == 5
+    loop.pending[4] = [evidence.model_copy(update={"applies_to_slice": 4})]  # decided a slice earlier
+    assert [d for d in loop.decide() if d.policy == "pt"] == []
