@@ -39,7 +39,11 @@ class AdaptLoop:
         self.history: list[Observation] = []
         self.pending: dict[int, list[Decision]] = {}
         self.applied: dict[int, SliceSettings] = {}
+        self.decided: dict[int, list[Decision]] = {}  # slice -> what its adapt step decided
+        self.reach: dict[int, float] = {}  # slice -> the infiltration depth its deposit reported
+        self.rereference_at: int | None = None  # after a suspension: the next view is the new reference
         self._reference: np.ndarray | None = None
+        self.reference_slice: int | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -72,6 +76,25 @@ class AdaptLoop:
             d.fiducial_x_px : d.fiducial_x_px + d.fiducial_width_px,
         ]
 
+    def deposited(self, index: int, infiltration_depth_m: float) -> None:
+        self.reach[index] = infiltration_depth_m
+
+    def stage_target(self, index: int) -> tuple[float, float] | None:
+        """Where a decided stage move takes the stage for slice `index`: from where the previous slice
+        was imaged, so moving there twice (a repeat after a crash) moves once."""
+        s = self.settings_for(index)
+        if not (s.stage_move_x_m or s.stage_move_y_m):
+            return None
+        before = [o for o in self.history if o.slice_index < index and o.stage_x_m is not None]
+        if not before:
+            return None
+        last = before[-1]
+        assert last.stage_x_m is not None and last.stage_y_m is not None
+        return (last.stage_x_m + s.stage_move_x_m, last.stage_y_m + s.stage_move_y_m)
+
+    def set_reference(self, images: Mapping[str, np.ndarray]) -> None:
+        self._reference = np.asarray(self.fiducial_window(images), dtype=np.float64)
+
     def observe(
         self,
         index: int,
@@ -79,15 +102,21 @@ class AdaptLoop:
         *,
         face_position_m: float,
         working_distance_m: float,
-        infiltration_depth_m: float | None = None,
+        stage_m: tuple[float, float] | None = None,
     ) -> Observation:
-        """Record what slice `index` measured (its images and the instrument's answers)."""
+        """Record what slice `index` measured (its images and the instrument's answers); a repeat of
+        the same slice (after a suspension) replaces its observation."""
+        self.history = [o for o in self.history if o.slice_index < index]
         fiducial: FiducialMatch | None = None
         if self.recipe.adapt.drift.enabled:
-            window = np.asarray(self.fiducial_window(images), dtype=np.float64)
-            if self._reference is None:
-                self._reference = window  # the first slice's view is where the run is meant to stay
-            fiducial = fiducial_match(self._reference, window)
+            if self._reference is None or self.rereference_at == index:
+                # The first slice's view is where the run is meant to stay; after a suspension the
+                # operator resumed on the view as it is now.
+                self.set_reference(images)
+                self.reference_slice = index
+                self.rereference_at = None
+            assert self._reference is not None
+            fiducial = fiducial_match(self._reference, self.fiducial_window(images))
         previous = self.history[-1].face_position_m if self.history else None
         cross = self.recipe.run.geometry == "cross_section"
         obs = Observation(
@@ -100,14 +129,18 @@ class AdaptLoop:
             beam_shift_limit_m=self.beam_shift_limit_m,
             pixel_size_m=self.recipe.imaging.pixel_size_m,
             pixel_size_y_m=self.recipe.imaging.pixel_size_m / (SIN_SEM_FIB if cross else 1.0),
-            infiltration_depth_m=infiltration_depth_m,
+            infiltration_depth_m=self.reach.get(index),
+            stage_x_m=None if stage_m is None else stage_m[0],
+            stage_y_m=None if stage_m is None else stage_m[1],
             fiducial=fiducial,
             images=image_measures(images, self.recipe.adapt.imaging.rose_k),
         )
         self.history.append(obs)
         return obs
 
-    def attach_segmentation(self, index: int, metrics: SliceMetrics) -> Observation | None:
+    def attach_segmentation(
+        self, index: int, metrics: SliceMetrics | Mapping[str, float]
+    ) -> Observation | None:
         for n, obs in enumerate(self.history):
             if obs.slice_index == index:
                 self.history[n] = obs.model_copy(update={"segmentation": segmentation_observation(metrics)})
@@ -130,7 +163,19 @@ class AdaptLoop:
             if d.action != "suspend":
                 self.pending.setdefault(d.applies_to_slice, []).append(d)
             fresh.append(d)
+        self.decided[now] = fresh
         return fresh
+
+    def restore(self, observations: list[Observation], decisions: list[Decision], next_slice: int) -> None:
+        """A restarted daemon's loop, from what the adapt steps journaled: the history, the settings
+        each slice was done with, and the decisions still waiting for their slice."""
+        self.history = sorted(observations, key=lambda o: o.slice_index)
+        self.applied = {o.slice_index: o.settings for o in self.history}
+        self.reach |= {o.slice_index: o.infiltration_depth_m for o in self.history if o.infiltration_depth_m}
+        for d in decisions:
+            self.decided.setdefault(d.basis_slice, []).append(d)
+            if d.applies_to_slice >= next_slice and d.action != "suspend":
+                self.pending.setdefault(d.applies_to_slice, []).append(d)
 
     def _already_covered(self, d: Decision) -> bool:
         """A deposit (or stop) already applied after the evidence was taken, or waiting for a slice up to

@@ -140,6 +140,8 @@ class Observation(_Record):
     # Face-plane metres per image row: a cross-section face is foreshortened by sin 52 deg (DOMAIN.md).
     pixel_size_y_m: float = Field(gt=0)
     infiltration_depth_m: float | None = None  # what this slice's deposit reported, if it deposited
+    stage_x_m: float | None = None  # where the stage was when the slice was imaged
+    stage_y_m: float | None = None
     fiducial: FiducialMatch | None  # None: not imaged (drift correction off)
     images: ImageMeasures
     segmentation: SegmentationObservation | None = None  # attached when the segmentation finishes
@@ -273,18 +275,19 @@ def image_measures(images: Mapping[str, np.ndarray], rose_k: float = 5.0) -> Ima
     return ImageMeasures(sharpness=sharp, saturation=sat, stripe_energy=stripes, snr=snr, rose_ratio=rose)
 
 
-def segmentation_observation(metrics: SliceMetrics) -> SegmentationObservation:
-    material = (
-        metrics.fraction_pore
-        + metrics.fraction_unfilled_pore
-        + metrics.fraction_active
-        + metrics.fraction_cbd
-        + metrics.fraction_collector
+def segmentation_observation(metrics: SliceMetrics | Mapping[str, float]) -> SegmentationObservation:
+    """From a slice's metrics, or their flat numeric form (`SliceMetrics.numeric()`, where an undefined
+    ratio such as the unfilled share of a view without pores is simply absent)."""
+    m = metrics.numeric() if isinstance(metrics, SliceMetrics) else metrics
+    material = sum(
+        float(m.get(f"fraction_{c}", 0.0)) for c in ("pore", "unfilled_pore", "active", "cbd", "collector")
     )
+    share = m.get("unfilled_pore_share")
+    confidence = m.get("confidence_mean_max_probability")
     return SegmentationObservation(
-        unfilled_pore_share=metrics.unfilled_pore_share,
-        porosity=metrics.porosity,
-        fraction_collector=metrics.fraction_collector,
+        unfilled_pore_share=None if share is None else float(share),
+        porosity=float(m.get("porosity", 0.0)),
+        fraction_collector=float(m.get("fraction_collector", 0.0)),
         outside_fraction=max(0.0, 1.0 - material),
-        confidence=metrics.confidence_mean_max_probability,
+        confidence=None if confidence is None else float(confidence),
     )

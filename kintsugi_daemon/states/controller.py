@@ -32,6 +32,7 @@ from kintsugi_daemon.drivers.base import (
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.service.storage import DiskFull
 from kintsugi_daemon.states import commands, recovery, steps
+from kintsugi_daemon.states.adapting import AdaptSuspended, adapted_events
 from kintsugi_daemon.states.alerts import Alerts
 from kintsugi_daemon.states.checkpoint import (
     SliceProducts,
@@ -283,6 +284,9 @@ class Controller:
                 continue  # a command moved the machine meanwhile; the boundary handles it
             except Interrupted:
                 continue  # the boundary decides: paused, aborted or halted
+            except AdaptSuspended as exc:
+                await self._suspend_for_adapt(exc)
+                continue  # the boundary ends the loop; `resume` (by the operator) goes on
             except (InstrumentFault, CommsLost, DeadlineExceeded) as exc:
                 if await self._suspend_for_guards():
                     continue
@@ -304,13 +308,13 @@ class Controller:
     def _next_step(self) -> tuple[int, str] | None:
         run = self.run
         assert run is not None
-        if run.next_slice >= run.total:
+        if run.next_slice >= run.total or run.adapt.stop_before(run.next_slice) is not None:
             return None
         done = {r.step for r in self.journal.steps(run.run_id, run.next_slice) if r.ok}
         done |= self.completions.steps_of(run.next_slice)
         if self.segmentation.running(run.next_slice):
             done.add("segment")  # running in the background; its own task journals the result
-        for step in steps.steps_for_slice(run.recipe, run.next_slice):
+        for step in steps.steps_for_slice(run.recipe, run.next_slice, run.adapt.settings_for(run.next_slice)):
             if step not in done:
                 return run.next_slice, step
         return None
@@ -366,6 +370,16 @@ class Controller:
             self._guard_task = asyncio.create_task(self._watch_guards(), name="kintsugi-guards")
         return True
 
+    async def _suspend_for_adapt(self, exc: AdaptSuspended) -> None:
+        """A lost fiducial or a failed policy: suspended with an alert until the operator resumes."""
+        run = self.run
+        assert run is not None
+        self.alert_board.raise_("adapt", "critical", exc.reason)
+        events = adapted_events(
+            run.run_id, run.next_slice, {"decisions": [d.model_dump() for d in exc.decisions]}
+        )
+        await self.fire("suspend", reason=f"adapt: {exc.reason}", events=events, event_type="suspended")
+
     async def _check_guards(self) -> tuple[list[GuardReading], bool] | None:
         """Read the instrument and update the guards: (newly tripped, settled clear); None if unreadable."""
         assert self._guards is not None and self.run is not None
@@ -373,7 +387,10 @@ class Controller:
             state = await self.instrument.state()
         except InstrumentError:
             return None
-        needs_gis = "deposit_pt" in steps.steps_for_slice(self.run.recipe, self.run.next_slice)
+        run = self.run
+        needs_gis = "deposit_pt" in steps.steps_for_slice(
+            run.recipe, run.next_slice, run.adapt.settings_for(run.next_slice)
+        )
         readings = self._guards.evaluate(state, self.run.storage.free_bytes(), needs_gis=needs_gis)
         return self._guards.update(readings, time.monotonic())
 
@@ -440,7 +457,10 @@ class Controller:
                 return
             run.face_m = state.face_position_m
             # Built once: the intent journals exactly the object the instrument is sent.
-            request = spec.build(run.recipe, recovery.remaining_thickness(self.journal, run, index, state))
+            recipe = run.slice_recipe(index)  # the adaptive settings of this slice, in recipe fields
+            request = spec.build(
+                recipe, recovery.remaining_thickness(self.journal, run, index, state, recipe)
+            )
             params |= steps.before(state) | {"request": request.model_dump(mode="json")}
         if spec.prepare is not None:
             spec.prepare(run)
@@ -458,7 +478,11 @@ class Controller:
         t0 = time.monotonic()
         assert spec.perform is not None
         try:
-            result = await spec.perform(steps.StepContext(self.instrument, run, index, request))
+            context = steps.StepContext(self.instrument, run, index, request, self.segmentation.wait)
+            result = await spec.perform(context)
+        except AdaptSuspended as exc:
+            record_failure(self.journal, run.run_id, index, step, step_id, exc)
+            raise
         except (InstrumentError, DiskFull) as exc:  # Aborted is an InstrumentError
             record_failure(self.journal, run.run_id, index, step, step_id, exc)
             if isinstance(exc, Aborted) or self._interrupt is not None:
@@ -468,7 +492,8 @@ class Controller:
             raise
         result["duration_s"] = round(time.monotonic() - t0, 4)
         # Committed with the next state change (the next step's intent, a pause, a fault...).
-        self.completions.hold(run.run_id, index, step, step_id, result)
+        extra = spec.events(run.run_id, index, result) if spec.events is not None else []
+        self.completions.hold(run.run_id, index, step, step_id, result, extra)
         self.on_change()
 
     async def _checkpoint(self, run: ActiveRun, index: int, reason: str | None) -> None:

@@ -67,10 +67,9 @@ def test_pt_is_not_decided_twice_for_the_same_front() -> None:
     recipe = adaptive_recipe("[imaging]\nwidth_px = 768\nheight_px = 512\n[adapt.drift]\nenabled = false\n")
     loop = AdaptLoop(recipe, LIMIT_M)
     for i in range(4):
-        reach = 2e-6 if loop.settings_for(i).deposit_pt else None
-        loop.observe(
-            i, frame(), face_position_m=(i + 1) * 40e-9, working_distance_m=4e-3, infiltration_depth_m=reach
-        )
+        if loop.settings_for(i).deposit_pt:
+            loop.deposited(i, 2e-6)
+        loop.observe(i, frame(), face_position_m=(i + 1) * 40e-9, working_distance_m=4e-3)
         if i >= 2:
             loop.attach_segmentation(i - 1, slice_metrics(labels(0.2), 40e-9))
         pt = [d for d in loop.decide() if d.policy == "pt"]
@@ -100,10 +99,9 @@ def test_a_waiting_deposit_covers_new_evidence_of_the_same_front() -> None:
     recipe = adaptive_recipe("[imaging]\nwidth_px = 768\nheight_px = 512\n[adapt.drift]\nenabled = false\n")
     loop = AdaptLoop(recipe, LIMIT_M)
     for i in range(4):
-        reach = 2e-6 if loop.settings_for(i).deposit_pt else None
-        loop.observe(
-            i, frame(), face_position_m=(i + 1) * 40e-9, working_distance_m=4e-3, infiltration_depth_m=reach
-        )
+        if loop.settings_for(i).deposit_pt:
+            loop.deposited(i, 2e-6)
+        loop.observe(i, frame(), face_position_m=(i + 1) * 40e-9, working_distance_m=4e-3)
     loop.attach_segmentation(3, slice_metrics(labels(0.2), 40e-9))
     (evidence,) = [d for d in decide(loop.history, recipe) if d.policy == "pt"]
     assert evidence.applies_to_slice == 5
