@@ -34,7 +34,7 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
                     measured=measured,
                     threshold=s.max_stripe_energy,
                     change={"polish_passes": passes},
-                    why=f"stripes {energy:.1f}x: polish {passes} passes",
+                    why=f"curtains at {energy:.2f} of the grey spread: polish {passes} passes",
                 )
             ]
         lowest = min(s.min_mill_current_a, recipe.mill.current_a)
@@ -48,7 +48,7 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
                     measured=measured,
                     threshold=s.max_stripe_energy,
                     change={"mill_current_a": current},
-                    why=f"stripes {energy:.1f}x at the most polish passes: mill at {current * 1e9:.1f} nA",
+                    why=f"curtains at {energy:.2f} at the most polish: mill at {current * 1e9:.1f} nA",
                 )
             ]
         return [
@@ -59,7 +59,7 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
                 measured=measured,
                 threshold=s.max_stripe_energy,
                 change={"deposit_pt": True},
-                why=f"stripes {energy:.1f}x at the lowest current and most polish: a fresh Pt cap",
+                why=f"curtains at {energy:.2f} at the lowest current and most polish: a fresh Pt cap",
             )
         ]
     window = history[-s.relax_after_slices :]

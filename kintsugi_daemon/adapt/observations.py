@@ -10,8 +10,8 @@ the tests and the benchmark measure the same way:
 - sharpness: band-pass (difference of Gaussians, 1.5-4 px) energy over the low-pass energy, so it does not
   move with brightness/contrast and mostly ignores pixel noise.
 - saturation: the fraction of pixels at the ends of the detector's range.
-- stripe energy: spectral power of features running along the mill axis (image columns, the ion beam
-  comes from the top) over the power of the same band across it; ~1 on an isotropic face.
+- stripe energy: the rms amplitude of stripes running along the mill axis (image columns: the ion beam
+  comes from the top), coherent down the columns, as a fraction of the image's grey-level spread.
 - Rose ratio: the smallest step between the phases' grey levels (multi-Otsu classes) over k x noise; the
   noise is the robust (MAD) estimate from a Laplacian-like residual. Below 1 a phase boundary is not
   reliably visible (Rose: contrast >= 5 x noise).
@@ -218,23 +218,42 @@ def saturation(image: np.ndarray, full_scale: float = _FULL_SCALE) -> float:
     return float(np.count_nonzero((img <= 0) | (img >= full_scale)) / img.size)
 
 
-def stripe_energy(image: np.ndarray, band_px: int = 2, min_period_px: float = 3.0) -> float:
-    """Power in stripes along the columns (ky ~ 0) over the power of the same band along the rows."""
+def stripe_energy(image: np.ndarray, smooth_px: float = 4.0) -> float:
+    """Curtain amplitude: the rms of the fine column-to-column variation that runs the height of the
+    face, as a fraction of the image's grey-level spread.
+
+    The image is high-passed across (x, the mill axis runs down the columns: the ion beam comes from the
+    top); each column's median over all rows keeps what runs down the column (curtains, which cross every
+    phase) and drops what occupies only some rows of it (particle and pore edges, cracks, noise), whose
+    leftover in the median is subtracted. ~0 on a face without curtains."""
     img = _as_float(image)
-    img = img - img.mean()
-    power = np.abs(np.fft.rfft2(img)) ** 2  # axes (ky, kx), kx non-negative
-    h, w = img.shape
-    ky = np.abs(np.fft.fftfreq(h))[:, None]
-    kx = np.fft.rfftfreq(w)[None, :]
-    kmax = 1.0 / min_period_px
-    # Same absolute frequency range on both axes; exclude the lowest frequencies (shading, layers).
-    kmin = 4.0 / min(h, w)
-    along = (ky <= band_px / h) & (kx >= kmin) & (kx <= kmax)
-    across = (kx <= band_px / w) & (ky >= kmin) & (ky <= kmax)
-    # Per unit of frequency area, so the two bands compare whatever the image's aspect ratio.
-    p_along = float(power[along].sum()) / max(int(np.count_nonzero(along)), 1)
-    p_across = float(power[across].sum()) / max(int(np.count_nonzero(across)), 1)
-    return p_along / p_across if p_across > 0 else 0.0
+    spread = float(np.std(img))
+    if spread == 0.0:
+        return 0.0
+    high = img - ndi.gaussian_filter1d(img, smooth_px, axis=1)
+    margin = math.ceil(4 * smooth_px)  # the filter's edge effects and the specimen's side edges
+    high = high[:, margin:-margin]
+    profile = np.median(high, axis=0)
+    # What incoherent content leaves in a median of that many rows: pi/2 x its robust variance over the
+    # number of independent rows (fewer when the content is correlated down the columns over a few rows).
+    robust_var = (1.4826 * float(np.median(np.abs(high - np.median(high))))) ** 2
+    incoherent = 0.5 * math.pi * robust_var / _independent_rows(high)
+    return math.sqrt(max(float(np.var(profile)) - incoherent, 0.0)) / spread
+
+
+def _independent_rows(high: np.ndarray, max_lag: int = 32) -> float:
+    """Rows / (1 + 2 x the summed autocorrelation down the columns, to where it fades)."""
+    centred = high - high.mean(axis=0)
+    energy = float(np.mean(centred**2))
+    if energy == 0.0:
+        return float(high.shape[0])
+    total = 0.0
+    for lag in range(1, min(max_lag, high.shape[0] // 4)):
+        rho = float(np.mean(centred[lag:] * centred[:-lag])) / energy
+        if rho < 0.05:
+            break
+        total += rho
+    return high.shape[0] / (1.0 + 2.0 * total)
 
 
 def noise_sigma(image: np.ndarray) -> float:

@@ -44,7 +44,7 @@ def observation(
     score: float = 0.98,
     fiducial: bool = True,
     sharpness: float = 1.0,
-    stripes: float = 1.0,
+    stripes: float = 0.01,
     rose: float = 1.5,
     saturation: float = 0.0,
     unfilled: float | None = None,

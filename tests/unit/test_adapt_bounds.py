@@ -113,7 +113,7 @@ def random_observation(
         images=ImageMeasures(
             sharpness=per_detector(0.01, 5.0),
             saturation=per_detector(0.0, 0.05),
-            stripe_energy=per_detector(0.2, 20.0),
+            stripe_energy=per_detector(0.0, 0.4),
             snr=per_detector(1.0, 100.0),
             rose_ratio=per_detector(0.01, 8.0),
         ),

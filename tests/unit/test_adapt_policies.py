@@ -26,7 +26,7 @@ T = R.run.slice_thickness_m
 
 def test_fixed_policy_decides_nothing() -> None:
     fixed = parse_recipe(ADAPTIVE.replace('policy = "adaptive"', 'policy = "fixed"'))
-    history = clean_history(fixed, 5, shift_px=(30.0, 0.0), stripes=50.0, rose=0.1)
+    history = clean_history(fixed, 5, shift_px=(30.0, 0.0), stripes=0.5, rose=0.1)
     assert decide(history, fixed) == []
     assert decide(history, R) != []  # the same history moves the adaptive policy
 
@@ -173,12 +173,12 @@ def test_curtaining_escalates_polish_then_current_then_cap() -> None:
     steps = []
     settings = initial_settings(R).model_dump() | {"deposit_pt": False}
     for i in range(8):
-        (d,) = curtaining.decide([observation(R, i, stripes=6.0, settings=settings)], R)
+        (d,) = curtaining.decide([observation(R, i, stripes=0.2, settings=settings)], R)
         steps.append(d.action)
         settings |= {k: v for k, v in d.change.items() if k != "deposit_pt"}
     assert steps == ["extra_polish"] * 2 + ["lower_mill_current"] * 3 + ["fresh_pt_cap"] * 3
     assert settings["polish_passes"] == 3 and settings["mill_current_a"] == pytest.approx(3e-9)
-    relaxed = [observation(R, i, stripes=1.0, settings=settings) for i in range(10)]
+    relaxed = [observation(R, i, stripes=0.01, settings=settings) for i in range(10)]
     (d,) = curtaining.decide(relaxed, R)
     assert d.action == "restore_mill_current" and d.change["mill_current_a"] == pytest.approx(6e-9)
 
