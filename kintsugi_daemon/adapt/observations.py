@@ -253,7 +253,7 @@ def _independent_rows(high: np.ndarray, max_lag: int = 32) -> float:
         if rho < 0.05:
             break
         total += rho
-    return high.shape[0] / (1.0 + 2.0 * total)
+    return float(high.shape[0]) / (1.0 + 2.0 * total)
 
 
 def noise_sigma(image: np.ndarray) -> float:
