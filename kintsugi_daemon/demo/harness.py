@@ -158,7 +158,8 @@ def demo_recipe(opts: DemoOptions, segmentation: bool) -> str:
                 "current_a": 5e-9,
             },
             "segmentation": {"enabled": segmentation, "model": "builtin"},
-            "adapt": {"policy": opts.policy},
+            # The bridge's Demo microscope images noise: no fiducial to follow; its demo keeps the schedule.
+            "adapt": {"policy": "fixed" if opts.bridge else opts.policy},
             # The fiducial's window near the top left, sized to the field of view.
             "adapt.drift": {
                 "fiducial_x_px": opts.width_px // 32,
@@ -175,7 +176,7 @@ def demo_recipe(opts: DemoOptions, segmentation: bool) -> str:
         "Written by `kintsugi demo`: a kintsugi cross-section run"
         + (
             ", adaptive (Pt, drift, focus, thickness, curtaining, imaging, stop rules)."
-            if opts.policy == "adaptive"
+            if opts.policy == "adaptive" and not opts.bridge
             else ", Pt before every slice."
         ),
     )
