@@ -71,7 +71,7 @@ from simulator.imaging import (
     render,
     render_edx,
 )
-from simulator.infiltration import infiltrate, infiltration_factor
+from simulator.infiltration import infiltrate, infiltration_factor, ragged_front
 from simulator.materials import CANONICAL_CLASSES
 from simulator.specimen import Specimen
 
@@ -528,6 +528,7 @@ class SimulatedDualBeam:
                         infiltrate, self.specimen.materials, fi, depth_vox, THROAT_RADIUS_M / self.voxel_m
                     )
                 )
+                mask = ragged_front(mask, self.settings.seed, fi)
                 self.pt[fi : fi + mask.shape[0]] |= mask
             if cut is not None:
                 raise cut

@@ -20,7 +20,7 @@ from kintsugi_daemon.config import Recipe
 
 __all__ = ["decide", "effective_depth_factor"]
 
-_PROBE = 1.15  # growth of the reach estimate per deposit that was not outrun
+_PROBE = 1.1  # growth of the reach estimate per deposit that was not outrun
 
 
 def _deposits(history: Sequence[Observation]) -> list[int]:

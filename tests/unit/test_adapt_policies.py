@@ -241,7 +241,7 @@ def test_next_settings_refuses_out_of_bounds() -> None:
 
 def test_pt_reach_estimate_grows_back_after_deposits_that_were_not_outrun() -> None:
     # Deposit 0 was outrun after 0.4 of 2 um (factor 0.2); deposits 10 and 13 were followed by the next
-    # deposit before any pore went unfilled: each lets the estimate grow by 15 %.
+    # deposit before any pore went unfilled: each lets the estimate grow by 10 %.
     history = [observation(R, i, unfilled=0.0, infiltration_m=2e-6 if i == 0 else None) for i in range(9)]
     history.append(observation(R, 9, unfilled=0.2))
     for i in range(10, 17):
@@ -250,5 +250,5 @@ def test_pt_reach_estimate_grows_back_after_deposits_that_were_not_outrun() -> N
         history.append(
             observation(R, i, unfilled=0.0, settings=settings, infiltration_m=2e-6 if deposit else None)
         )
-    assert pt.effective_depth_factor(history, R) == pytest.approx(0.2 * 1.15**2)
-    assert pt.effective_depth_factor(history[:14], R) == pytest.approx(0.2 * 1.15)
+    assert pt.effective_depth_factor(history, R) == pytest.approx(0.2 * 1.1**2)
+    assert pt.effective_depth_factor(history[:14], R) == pytest.approx(0.2 * 1.1)
