@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import statistics
 import tempfile
@@ -208,7 +209,7 @@ async def one_run(
     filled, worst = _fill(truth)
     drift = _drift(truth)
     faces = [t["face_position_m"] for t in truth]
-    errors = [abs((b - a) - TARGET_M) / TARGET_M for a, b in zip(faces, faces[1:], strict=False)]
+    errors = [abs((b - a) - TARGET_M) / TARGET_M for a, b in itertools.pairwise(faces)]
     figures = Figures(
         name=name,
         instrument_s=instrument_s,
@@ -231,7 +232,7 @@ def _row(label: str, values: list[str]) -> str:
 def report(
     published: Figures, sweep: list[Figures], adaptive: Figures, idle: float, time_scale: float
 ) -> None:
-    ok = [f for f in sweep + [published] if f.filled >= 0.95]
+    ok = [f for f in [*sweep, published] if f.filled >= 0.95]
     best = min(ok, key=lambda f: f.instrument_s) if ok else published
     runs = [published, best, adaptive]
     print("\nPt schedule sweep (fixed policy, segmentation off)")
