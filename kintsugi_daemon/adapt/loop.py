@@ -15,6 +15,7 @@ from kintsugi_daemon.adapt import decide
 from kintsugi_daemon.adapt.decisions import Decision, initial_settings, next_settings
 from kintsugi_daemon.adapt.observations import (
     FiducialMatch,
+    ImageMeasures,
     Observation,
     SliceSettings,
     fiducial_match,
@@ -95,18 +96,11 @@ class AdaptLoop:
     def set_reference(self, images: Mapping[str, np.ndarray]) -> None:
         self._reference = np.asarray(self.fiducial_window(images), dtype=np.float64)
 
-    def observe(
-        self,
-        index: int,
-        images: Mapping[str, np.ndarray],
-        *,
-        face_position_m: float,
-        working_distance_m: float,
-        stage_m: tuple[float, float] | None = None,
-    ) -> Observation:
-        """Record what slice `index` measured (its images and the instrument's answers); a repeat of
-        the same slice (after a suspension) replaces its observation."""
-        self.history = [o for o in self.history if o.slice_index < index]
+    def measure(
+        self, index: int, images: Mapping[str, np.ndarray]
+    ) -> tuple[ImageMeasures, FiducialMatch | None]:
+        """The image measures of slice `index` (the heavy part: run it off the event loop); touches only
+        the fiducial reference, never the history."""
         fiducial: FiducialMatch | None = None
         if self.recipe.adapt.drift.enabled:
             if self._reference is None or self.rereference_at == index:
@@ -117,6 +111,20 @@ class AdaptLoop:
                 self.rereference_at = None
             assert self._reference is not None
             fiducial = fiducial_match(self._reference, self.fiducial_window(images))
+        return image_measures(images, self.recipe.adapt.imaging.rose_k), fiducial
+
+    def record(
+        self,
+        index: int,
+        measured: tuple[ImageMeasures, FiducialMatch | None],
+        *,
+        face_position_m: float,
+        working_distance_m: float,
+        stage_m: tuple[float, float] | None = None,
+    ) -> Observation:
+        """Record what slice `index` measured with the instrument's answers; a repeat of the same slice
+        (after a suspension) replaces its observation."""
+        self.history = [o for o in self.history if o.slice_index < index]
         previous = self.history[-1].face_position_m if self.history else None
         cross = self.recipe.run.geometry == "cross_section"
         obs = Observation(
@@ -132,11 +140,29 @@ class AdaptLoop:
             infiltration_depth_m=self.reach.get(index),
             stage_x_m=None if stage_m is None else stage_m[0],
             stage_y_m=None if stage_m is None else stage_m[1],
-            fiducial=fiducial,
-            images=image_measures(images, self.recipe.adapt.imaging.rose_k),
+            fiducial=measured[1],
+            images=measured[0],
         )
         self.history.append(obs)
         return obs
+
+    def observe(
+        self,
+        index: int,
+        images: Mapping[str, np.ndarray],
+        *,
+        face_position_m: float,
+        working_distance_m: float,
+        stage_m: tuple[float, float] | None = None,
+    ) -> Observation:
+        """`measure` then `record`, in one call."""
+        return self.record(
+            index,
+            self.measure(index, images),
+            face_position_m=face_position_m,
+            working_distance_m=working_distance_m,
+            stage_m=stage_m,
+        )
 
     def attach_segmentation(
         self, index: int, metrics: SliceMetrics | Mapping[str, float]

@@ -93,10 +93,11 @@ async def adapt(
     meta = run.acquisition.metadata if run.acquisition is not None else None
     face = meta.face_position_m if meta is not None else state.face_position_m
     wd = meta.working_distance_m if meta is not None else state.working_distance_m
-    observation = await asyncio.to_thread(
-        loop.observe,
+    # The image measures off the event loop; the history only on it (segmentation results land there too).
+    measured = await asyncio.to_thread(loop.measure, index, images)
+    observation = loop.record(
         index,
-        images,
+        measured,
         face_position_m=face,
         working_distance_m=wd,
         stage_m=(state.stage.x_m, state.stage.y_m),
