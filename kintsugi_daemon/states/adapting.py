@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -24,12 +24,16 @@ from kintsugi_daemon.instrument import SIN_SEM_FIB
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.states.run import ActiveRun
 
+if TYPE_CHECKING:
+    from kintsugi_daemon.states.controller import Controller
+
 __all__ = [
     "AdaptSuspended",
     "adapt",
     "adapted_events",
     "fiducial_request",
     "restore",
+    "suspend_run",
 ]
 
 log = structlog.get_logger("kintsugi.controller")
@@ -125,6 +129,17 @@ async def adapt(
     }
     path = await asyncio.to_thread(run.storage.write_adapt, index, record)
     return {**record, "decisions_taken": len(decisions), "files": {"adapt": path}}
+
+
+async def suspend_run(ctl: Controller, exc: AdaptSuspended) -> None:
+    """A lost fiducial or a failed policy: suspended with an alert (and the decisions that said so) until
+    the operator resumes; no guard watcher resumes it on its own."""
+    run = ctl.run
+    assert run is not None
+    ctl.alert_board.raise_("adapt", "critical", exc.reason)
+    decided = {"decisions": [d.model_dump() for d in exc.decisions]}
+    events = adapted_events(run.run_id, run.next_slice, decided)
+    await ctl.fire("suspend", reason=f"adapt: {exc.reason}", events=events, event_type="suspended")
 
 
 def adapted_events(run_id: str, index: int, result: dict[str, Any]) -> list[EventDraft]:

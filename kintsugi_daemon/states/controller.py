@@ -31,8 +31,8 @@ from kintsugi_daemon.drivers.base import (
 )
 from kintsugi_daemon.service.journal import EventDraft, Journal
 from kintsugi_daemon.service.storage import DiskFull
-from kintsugi_daemon.states import commands, recovery, steps
-from kintsugi_daemon.states.adapting import AdaptSuspended, adapted_events
+from kintsugi_daemon.states import adapting, commands, recovery, steps
+from kintsugi_daemon.states.adapting import AdaptSuspended
 from kintsugi_daemon.states.alerts import Alerts
 from kintsugi_daemon.states.checkpoint import (
     SliceProducts,
@@ -285,7 +285,7 @@ class Controller:
             except Interrupted:
                 continue  # the boundary decides: paused, aborted or halted
             except AdaptSuspended as exc:
-                await self._suspend_for_adapt(exc)
+                await adapting.suspend_run(self, exc)
                 continue  # the boundary ends the loop; `resume` (by the operator) goes on
             except (InstrumentFault, CommsLost, DeadlineExceeded) as exc:
                 if await self._suspend_for_guards():
@@ -314,7 +314,7 @@ class Controller:
         done |= self.completions.steps_of(run.next_slice)
         if self.segmentation.running(run.next_slice):
             done.add("segment")  # running in the background; its own task journals the result
-        for step in steps.steps_for_slice(run.recipe, run.next_slice, run.adapt.settings_for(run.next_slice)):
+        for step in steps.planned(run, run.next_slice):
             if step not in done:
                 return run.next_slice, step
         return None
@@ -370,16 +370,6 @@ class Controller:
             self._guard_task = asyncio.create_task(self._watch_guards(), name="kintsugi-guards")
         return True
 
-    async def _suspend_for_adapt(self, exc: AdaptSuspended) -> None:
-        """A lost fiducial or a failed policy: suspended with an alert until the operator resumes."""
-        run = self.run
-        assert run is not None
-        self.alert_board.raise_("adapt", "critical", exc.reason)
-        events = adapted_events(
-            run.run_id, run.next_slice, {"decisions": [d.model_dump() for d in exc.decisions]}
-        )
-        await self.fire("suspend", reason=f"adapt: {exc.reason}", events=events, event_type="suspended")
-
     async def _check_guards(self) -> tuple[list[GuardReading], bool] | None:
         """Read the instrument and update the guards: (newly tripped, settled clear); None if unreadable."""
         assert self._guards is not None and self.run is not None
@@ -387,10 +377,7 @@ class Controller:
             state = await self.instrument.state()
         except InstrumentError:
             return None
-        run = self.run
-        needs_gis = "deposit_pt" in steps.steps_for_slice(
-            run.recipe, run.next_slice, run.adapt.settings_for(run.next_slice)
-        )
+        needs_gis = "deposit_pt" in steps.planned(self.run, self.run.next_slice)
         readings = self._guards.evaluate(state, self.run.storage.free_bytes(), needs_gis=needs_gis)
         return self._guards.update(readings, time.monotonic())
 
@@ -480,11 +467,10 @@ class Controller:
         try:
             context = steps.StepContext(self.instrument, run, index, request, self.segmentation.wait)
             result = await spec.perform(context)
-        except AdaptSuspended as exc:
+        except (InstrumentError, DiskFull, AdaptSuspended) as exc:  # Aborted is an InstrumentError
             record_failure(self.journal, run.run_id, index, step, step_id, exc)
-            raise
-        except (InstrumentError, DiskFull) as exc:  # Aborted is an InstrumentError
-            record_failure(self.journal, run.run_id, index, step, step_id, exc)
+            if isinstance(exc, AdaptSuspended):
+                raise
             if isinstance(exc, Aborted) or self._interrupt is not None:
                 raise Interrupted() from exc
             if isinstance(exc, DiskFull):

@@ -50,6 +50,7 @@ __all__ = [
     "image",
     "journaled_request",
     "mill_request",
+    "planned",
     "polish_request",
     "spec",
     "steps_for_slice",
@@ -126,6 +127,11 @@ def steps_for_slice(recipe: Recipe, index: int, settings: SliceSettings | None =
         steps.append("segment")
     steps += ["adapt", "checkpoint"]
     return steps
+
+
+def planned(run: ActiveRun, index: int) -> list[str]:
+    """The steps of slice `index` of this run, as its settings say."""
+    return steps_for_slice(run.recipe, index, run.adapt.settings_for(index))
 
 
 def spec(step: str) -> StepSpec:

@@ -17,6 +17,7 @@ from kintsugi_daemon import adapt
 from kintsugi_daemon.adapt.decisions import Decision
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess
 from kintsugi_daemon.instrument import SIN_SEM_FIB
+from kintsugi_daemon.states import adapting, recovery
 from tests.integration.test_controller import Harness, make_harness
 from tests.support.simulator import auth
 
@@ -145,3 +146,30 @@ async def test_a_policy_that_raises_suspends(
     assert "ZeroDivisionError" in harness.controller.alerts["adapt"]["message"]
     acquires = [i for i, c in enumerate(harness.recorder.commands()) if c == "acquire"]
     assert len(acquires) == 2 and "mill" not in harness.recorder.commands()[acquires[1] :]
+
+
+async def test_a_restarted_daemon_goes_on_with_the_same_loop(harness: Harness, sim: SimulatorProcess) -> None:
+    async def pause(n: int) -> None:
+        if n == 4:
+            await harness.controller.command("pause", {})
+
+    harness.recorder.hooks["acquire"] = pause
+    await harness.controller.command("start", {"recipe": RECIPE})
+    await harness.wait_state("paused", limit_s=240)
+    run = harness.controller.run
+    assert run is not None
+    # What a restarted daemon rebuilds from the journal and the run directory.
+    record = harness.journal.active_run()
+    assert record is not None
+    restored = recovery.load_run(harness.journal, harness.settings.data_root, record)
+    assert restored.next_slice == run.next_slice
+    assert [o.slice_index for o in restored.adapt.history] == [o.slice_index for o in run.adapt.history]
+    assert restored.adapt.history[-1].settings == run.adapt.history[-1].settings
+    assert restored.adapt.settings_for(run.next_slice) == run.adapt.settings_for(run.next_slice)
+    assert restored.adapt.reference_slice == 0
+    # The restored fiducial reference measures the next image as the running daemon would.
+    images = adapting.read_slice_images(run, run.next_slice - 1)
+    assert (
+        restored.adapt.measure(run.next_slice - 1, images)[1]
+        == run.adapt.measure(run.next_slice - 1, images)[1]
+    )
