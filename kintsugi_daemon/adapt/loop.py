@@ -70,12 +70,16 @@ class AdaptLoop:
         return bool(k) and index % k == 0
 
     def fiducial_window(self, images: Mapping[str, np.ndarray]) -> np.ndarray:
-        d = self.recipe.adapt.drift
-        image = images[self.recipe.imaging.detectors[0]]
-        return image[
-            d.fiducial_y_px : d.fiducial_y_px + d.fiducial_height_px,
-            d.fiducial_x_px : d.fiducial_x_px + d.fiducial_width_px,
-        ]
+        """The recipe's fiducial window cropped, about its centre, to the square (on the face) the mark
+        is milled in: the rest of a wide window is face that changes every slice, not fiducial."""
+        d, img = self.recipe.adapt.drift, self.recipe.imaging
+        rows_per_col = SIN_SEM_FIB if self.recipe.run.geometry == "cross_section" else 1.0
+        side_cols = min(d.fiducial_width_px, d.fiducial_height_px / rows_per_col)
+        cols = max(int(round(side_cols)), 16)
+        rows = max(int(round(side_cols * rows_per_col)), 16)
+        x0 = d.fiducial_x_px + (d.fiducial_width_px - cols) // 2
+        y0 = d.fiducial_y_px + (d.fiducial_height_px - rows) // 2
+        return images[img.detectors[0]][y0 : y0 + rows, x0 : x0 + cols]
 
     def deposited(self, index: int, infiltration_depth_m: float) -> None:
         self.reach[index] = infiltration_depth_m
