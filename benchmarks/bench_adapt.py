@@ -45,6 +45,7 @@ from kintsugi_daemon.service.wiring import configure_logging
 from kintsugi_daemon.states.controller import Controller
 
 PX = 4.05e-8
+OUTSIDE = 255  # label of pixels that are no material (above the surface, the fiducial)
 TARGET_M = 40e-9
 SWEEP = (2, 5, 10, 20)
 
@@ -160,7 +161,9 @@ def _miou(run_dir: Path, truth_labels: list[np.ndarray]) -> float | None:
         if not path.exists():
             continue
         found = True
-        for name, (inter, union) in iou_counts(tifffile.imread(path), truth, MEAN_IOU_CLASSES).items():
+        pred = tifffile.imread(path)
+        pred = np.where(truth == OUTSIDE, OUTSIDE, pred)  # not specimen (the fiducial's mark): not scored
+        for name, (inter, union) in iou_counts(pred, truth, MEAN_IOU_CLASSES).items():
             counts[name][0] += inter
             counts[name][1] += union
     if not found:
