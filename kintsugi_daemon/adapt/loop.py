@@ -75,8 +75,8 @@ class AdaptLoop:
         d, img = self.recipe.adapt.drift, self.recipe.imaging
         rows_per_col = SIN_SEM_FIB if self.recipe.run.geometry == "cross_section" else 1.0
         side_cols = min(d.fiducial_width_px, d.fiducial_height_px / rows_per_col)
-        cols = max(int(round(side_cols)), 16)
-        rows = max(int(round(side_cols * rows_per_col)), 16)
+        cols = max(round(side_cols), 16)
+        rows = max(round(side_cols * rows_per_col), 16)
         x0 = d.fiducial_x_px + (d.fiducial_width_px - cols) // 2
         y0 = d.fiducial_y_px + (d.fiducial_height_px - rows) // 2
         return images[img.detectors[0]][y0 : y0 + rows, x0 : x0 + cols]
