@@ -307,6 +307,10 @@ def segmentation_observation(metrics: SliceMetrics | Mapping[str, float]) -> Seg
         unfilled_pore_share=None if share is None else float(share),
         porosity=float(m.get("porosity", 0.0)),
         fraction_collector=float(m.get("fraction_collector", 0.0)),
-        outside_fraction=max(0.0, 1.0 - material),
+        # Metrics since the issue-8 merge say it (their phase fractions are of the specimen's pixels);
+        # older records' fractions are of the whole image, so the rest is outside.
+        outside_fraction=float(m["fraction_outside"])
+        if "fraction_outside" in m
+        else max(0.0, 1.0 - material),
         confidence=None if confidence is None else float(confidence),
     )

@@ -91,4 +91,5 @@ def test_image_measures_and_segmentation_observation() -> None:
     labels[9] = CANONICAL_CLASSES["collector"]
     seg = segmentation_observation(slice_metrics(labels, 40e-9))
     assert seg.outside_fraction == pytest.approx(0.2) and seg.unfilled_pore_share == pytest.approx(0.5)
-    assert seg.fraction_collector == pytest.approx(0.1) and seg.confidence is None
+    # phase fractions are of the specimen's pixels (issue 8): 10 of the 80 not outside
+    assert seg.fraction_collector == pytest.approx(10 / 80) and seg.confidence is None
