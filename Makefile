@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 BRIDGE_STAMP := $(VENV)/.bridge-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 
-.PHONY: demo test lint bench bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills dataset clean
+.PHONY: demo test lint bench bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills bench-adapt dataset clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## benchmarks: print their figures (see README)
-bench: bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills
+bench: bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills bench-adapt
+
+bench-adapt: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_adapt $(ARGS)
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_serve

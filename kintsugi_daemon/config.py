@@ -29,9 +29,13 @@ from kintsugi_daemon.drivers.base import (
 __all__ = [
     "AdaptSettings",
     "ConfigError",
+    "CurtainingAdapt",
     "DaemonSettings",
+    "DriftAdapt",
+    "FocusAdapt",
     "GuardSettings",
     "HomeAssistantSettings",
+    "ImagingAdapt",
     "ImagingSettings",
     "InstrumentSettings",
     "LoggingSettings",
@@ -40,11 +44,14 @@ __all__ = [
     "NotifySettings",
     "OperatorCredentials",
     "PolishSettings",
+    "PtAdapt",
     "PtSettings",
     "Recipe",
     "RegionOfInterest",
     "RunSettings",
     "SegmentationSettings",
+    "StopAdapt",
+    "ThicknessAdapt",
     "WebSettings",
     "load_recipe",
     "load_settings",
@@ -286,8 +293,101 @@ class SegmentationSettings(Strict):
     metadata: dict[str, Any] | None = None
 
 
+class PtAdapt(Strict):
+    """Re-deposit Pt when pores stop filling or the infiltration ahead of the face runs out (lag 2)."""
+
+    enabled: bool = True
+    max_unfilled_share: float = Field(default=0.03, gt=0, lt=1)  # unfilled / all pores on a segmented slice
+    margin_m: float = Field(default=0.1e-6, ge=0, le=20e-6)  # keep this much infiltration ahead of the face
+    assumed_infiltration_m: float = Field(default=1e-6, gt=0, le=50e-6)  # when a deposit reports no depth
+    min_interval_slices: int = Field(default=1, ge=1, le=1000)
+    max_interval_slices: int = Field(default=50, ge=1, le=10_000)
+
+
+class DriftAdapt(Strict):
+    """Fiducial shift -> beam shift (whole point), stage move near the limit, suspend on a poor match."""
+
+    enabled: bool = True
+    min_score: float = Field(default=0.75, gt=0, lt=1)
+    deadband_px: float = Field(default=0.3, ge=0, le=50)
+    stage_fraction: float = Field(default=0.8, gt=0, le=1)  # of the beam-shift limit: beyond it, move stage
+    max_step_px: float = Field(default=40.0, gt=0, le=1000)  # a larger jump in one slice is not believed
+    fiducial_x_px: int = Field(default=0, ge=0, le=6143)  # the fiducial's window in the image
+    fiducial_y_px: int = Field(default=0, ge=0, le=4095)
+    fiducial_width_px: int = Field(default=256, ge=32, le=6144)
+    fiducial_height_px: int = Field(default=128, ge=32, le=4096)
+
+
+class FocusAdapt(Strict):
+    """Autofocus when sharpness degrades or the face has receded far; autostigmation if that did not help."""
+
+    enabled: bool = True
+    sharpness_drop: float = Field(default=0.2, gt=0, lt=1)  # fraction below the best since the last focus
+    refocus_recession_m: float | None = Field(default=5e-6, gt=0, le=1e-3)
+    min_interval_slices: int = Field(default=3, ge=1, le=1000)
+    stigmation: bool = True
+
+
+class ThicknessAdapt(Strict):
+    """The measured face advance corrects the next mill, within run.min/max_slice_thickness_m."""
+
+    enabled: bool = True
+    gain: float = Field(
+        default=0.5, gt=0, le=1
+    )  # fraction of the accumulated depth error corrected per slice
+
+
+class CurtainingAdapt(Strict):
+    """Stripe energy above threshold: extra polish pass, then lower mill current, then a fresh Pt cap."""
+
+    enabled: bool = True
+    # Curtain rms / the image's grey spread (observations.stripe_energy). In the simulator at 15 nA Xe:
+    # ~0.02 under a 1 um Pt cap, ~0.08 under 0.3 um, ~0.15 without one; ~0.27 without one at 60 nA.
+    max_stripe_energy: float = Field(default=0.06, gt=0, lt=1)
+    max_polish_passes: int = Field(default=3, ge=0, le=10)
+    min_mill_current_a: float = Field(default=3e-9, gt=0, le=2.5e-6)
+    current_factor: float = Field(default=0.5, gt=0, lt=1)
+    relax_after_slices: int = Field(default=10, ge=1, le=10_000)
+
+
+class ImagingAdapt(Strict):
+    """Dwell / line integration from the Rose criterion; auto contrast-brightness on saturation."""
+
+    enabled: bool = True
+    rose_k: float = Field(default=5.0, ge=1, le=50)  # contrast must be >= k x noise
+    min_dwell_s: float = Field(default=1e-6, ge=25e-9, le=1e-3)
+    max_dwell_s: float = Field(default=10e-6, ge=25e-9, le=1e-3)
+    max_line_integration: int = Field(default=4, ge=1, le=255)
+    max_saturation: float = Field(default=0.01, gt=0, lt=1)
+
+
+class StopAdapt(Strict):
+    """Stop at the target depth (measured), when the collector is reached or the region is exhausted."""
+
+    enabled: bool = True
+    collector_fraction: float | None = Field(default=0.5, gt=0, le=1)
+    max_outside_fraction: float | None = Field(default=0.6, gt=0, le=1)
+    confirm_slices: int = Field(default=3, ge=1, le=100)
+
+
 class AdaptSettings(Strict):
-    policy: Literal["fixed"] = "fixed"  # the adaptive policy arrives with its issue
+    # "fixed": the published schedule (Pt every pt.every_slices), no decisions; "adaptive": the tables below.
+    policy: Literal["fixed", "adaptive"] = "fixed"
+    pt: PtAdapt = PtAdapt()
+    drift: DriftAdapt = DriftAdapt()
+    focus: FocusAdapt = FocusAdapt()
+    thickness: ThicknessAdapt = ThicknessAdapt()
+    curtaining: CurtainingAdapt = CurtainingAdapt()
+    imaging: ImagingAdapt = ImagingAdapt()
+    stop: StopAdapt = StopAdapt()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.pt.min_interval_slices > self.pt.max_interval_slices:
+            raise ValueError("adapt.pt.min_interval_slices exceeds adapt.pt.max_interval_slices")
+        if self.imaging.min_dwell_s > self.imaging.max_dwell_s:
+            raise ValueError("adapt.imaging.min_dwell_s exceeds adapt.imaging.max_dwell_s")
+        return self
 
 
 class GuardSettings(Strict):
@@ -308,6 +408,43 @@ class Recipe(Strict):
     segmentation: SegmentationSettings = SegmentationSettings()
     adapt: AdaptSettings = AdaptSettings()
     guards: GuardSettings = GuardSettings()
+
+    @model_validator(mode="after")
+    def _adapt_fits_recipe(self) -> Self:
+        """Settings that contradict another section are refused only when the adaptive policy reads them."""
+        a = self.adapt
+        if a.policy != "adaptive":
+            return self
+        img = self.imaging
+        problems = []
+        if a.pt.enabled and not self.segmentation.enabled:
+            problems.append("adapt.pt.enabled needs segmentation.enabled (it reads the unfilled-pore share)")
+        if a.stop.enabled and a.stop.collector_fraction is not None and not self.segmentation.enabled:
+            problems.append("adapt.stop.collector_fraction needs segmentation.enabled")
+        d = a.drift
+        if d.enabled and (
+            d.fiducial_x_px + d.fiducial_width_px > img.width_px
+            or d.fiducial_y_px + d.fiducial_height_px > img.height_px
+        ):
+            problems.append(
+                f"adapt.drift.fiducial_* window ({d.fiducial_x_px}+{d.fiducial_width_px}, "
+                f"{d.fiducial_y_px}+{d.fiducial_height_px}) leaves the {img.width_px}x{img.height_px} image"
+            )
+        im = a.imaging
+        if im.enabled and not im.min_dwell_s <= img.dwell_s <= im.max_dwell_s:
+            problems.append(
+                f"imaging.dwell_s {img.dwell_s:g} lies outside [adapt.imaging.min_dwell_s, max_dwell_s]"
+            )
+        if im.enabled and img.line_integration > im.max_line_integration:
+            problems.append("imaging.line_integration exceeds adapt.imaging.max_line_integration")
+        c = a.curtaining
+        if c.enabled and c.min_mill_current_a > self.mill.current_a:
+            problems.append("adapt.curtaining.min_mill_current_a exceeds mill.current_a")
+        if c.enabled and c.max_polish_passes < self.polish.passes:
+            problems.append("adapt.curtaining.max_polish_passes is below polish.passes")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # --- loading ----------------------------------------------------------------------------------------

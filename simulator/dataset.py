@@ -98,6 +98,7 @@ async def _export_variant(
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete folder: drop a stale one before the first file is overwritten.
     (out / "dataset.json").unlink(missing_ok=True)
+    # No thermal drift: the with-Pt variant spends more instrument time (deposits) and would drift apart.
     sim = make_simulator(
         size,
         preset=preset,
@@ -106,6 +107,7 @@ async def _export_variant(
         time_scale=0.0,
         cache_dir=cache_dir,
         infiltration_coverage=coverage,
+        thermal_drift=False,
     )
     slices: list[dict[str, Any]] = []
     async for outcome in fixed_schedule(sim, recipe):

@@ -73,6 +73,7 @@ def make_simulator(
     faults: list[FaultSpec] | None = None,
     progress: Callable[[float], None] | None = None,
     infiltration_coverage: float = 1.0,
+    thermal_drift: bool = True,
 ) -> SimulatedDualBeam:
     params = specimen_params(size, preset=preset, seed=seed, geometry=geometry)
     specimen = build_specimen(params, cache_dir=cache_dir or default_cache_dir(), progress=progress)
@@ -81,5 +82,6 @@ def make_simulator(
         seed=seed,
         serial=f"SIM-{seed:04d}",
         infiltration_coverage=infiltration_coverage,
+        thermal_drift=thermal_drift,
     )
     return SimulatedDualBeam(specimen, settings, faults)

@@ -21,6 +21,8 @@ from kintsugi_daemon.drivers.base import (
     EdxResult,
     InvalidRequest,
 )
+from kintsugi_daemon.instrument import SIN_SEM_FIB
+from simulator.fiducial import paint_fiducial
 from simulator.imaging import (
     DetectorSetting,
     ImagingConditions,
@@ -87,6 +89,18 @@ class ImagingVerbs(InstrumentCore):
                 rendered = await _finish(rendering)
             if done < 1.0:
                 raise AbortedError("acquire stopped mid-frame", detail={"verb": "acquire"})
+            if self.fiducial is not None:
+                y_scale = 1.0 / SIN_SEM_FIB if self.geometry == "cross_section" else 1.0
+                paint_fiducial(
+                    rendered.images,
+                    rendered.labels,
+                    self.fiducial,
+                    cond.origin_m,
+                    request.pixel_size_m,
+                    y_scale,
+                    self._rng_image,
+                )
+            self._record_truth(cond, rendered.labels)
             self.last_labels = rendered.labels
             self._last_conditions = cond
             self._optics.astigmatism += float(self._rng_jump.normal(0.0, ASTIGMATISM_WALK_M))

@@ -12,13 +12,21 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from kintsugi_daemon.drivers.tiff_wire import TIFF_MEDIA_TYPE, encode_channels
 from simulator.faults import FaultSpec
 from simulator.instrument import SimulatedDualBeam, check_fault_applicable
 from simulator.materials import CANONICAL_CLASSES
 
-__all__ = ["TEST_PREFIX", "test_router"]
+__all__ = ["TEST_PREFIX", "DriftStep", "test_router"]
+
+
+class DriftStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    dx_m: float = Field(ge=-20e-6, le=20e-6)
+    dy_m: float = Field(ge=-20e-6, le=20e-6)
+
 
 TEST_PREFIX = "/test"
 
@@ -50,6 +58,23 @@ def test_router(sim: SimulatedDualBeam) -> APIRouter:
     async def clear() -> dict[str, Any]:
         sim.faults.clear()
         return sim.face_report()["faults"]  # type: ignore[return-value]
+
+    @router.get("/truth")
+    async def truth() -> list[dict[str, float]]:
+        """Per image, in order: field-of-view error against an ideal run, drift, defocus, astigmatism,
+        face position, pore pixels filled/unfilled, instrument time (ground truth for the adaptive loop)."""
+        return sim.truth
+
+    @router.post("/drift")
+    async def inject_drift(step: DriftStep) -> dict[str, Any]:
+        sim.inject_drift(step.dx_m, step.dy_m)
+        return sim.face_report()
+
+    @router.delete("/fiducial")
+    async def lose_fiducial() -> dict[str, Any]:
+        """The fiducial is gone (sputtered away, covered by redeposition): the daemon must suspend."""
+        sim.fiducial = None
+        return sim.face_report()
 
     @router.get("/face")
     async def face() -> dict[str, Any]:

@@ -20,6 +20,8 @@ from kintsugi_daemon.drivers.base import (
     BeamShift,
     DepositRequest,
     DepositResult,
+    FiducialRequest,
+    FiducialResult,
     GisState,
     InstrumentFault,
     InvalidRequest,
@@ -37,11 +39,12 @@ from kintsugi_daemon.instrument import (
     GIS_MIN_OPERATING_K,
     POLISH_REMOVAL_M,
 )
+from simulator.fiducial import Fiducial
 from simulator.imaging import (
     curtain_map,
 )
 from simulator.imaging_verbs import ImagingVerbs
-from simulator.infiltration import infiltrate
+from simulator.infiltration import infiltrate, infiltration_factor, ragged_front
 from simulator.operations import (
     DEPTH_AHEAD_VOX,
     InstrumentCore,
@@ -58,7 +61,6 @@ __all__ = [
 ]
 
 CAP_EROSION_PER_MILL_M = 2e-9
-POST_MILL_JUMP_M = 25e-9
 INFILTRATION_PER_THICKNESS = 5.0  # infiltration depth per deposited thickness (choice; DOMAIN sweep 0.2-5 um)
 MAX_INFILTRATION_M = 5e-6
 
@@ -232,13 +234,20 @@ class SimulatedDualBeam(ImagingVerbs):
     def _infiltration(
         self, thickness_m: float, temp_factor: float, fi: int
     ) -> tuple[float, asyncio.Future[np.ndarray] | None]:
-        """Infiltration depth of a deposit and its Pt mask ahead of face `fi`, computing in a thread."""
-        depth_m = min(thickness_m * INFILTRATION_PER_THICKNESS * temp_factor, MAX_INFILTRATION_M)
+        """Nominal infiltration depth of a deposit and its Pt mask ahead of face `fi`, computing in a thread.
+
+        Dense bands along the run stop the precursor sooner (`infiltration_factor`) and the front is ragged
+        across the face; the instrument reports only the nominal reach (a real one cannot see into the
+        pores), the truth is on /test/truth."""
+        nominal_m = min(thickness_m * INFILTRATION_PER_THICKNESS * temp_factor, MAX_INFILTRATION_M)
+        depth_m = nominal_m * infiltration_factor(self._face.position_m, self.settings.seed)
         depth_vox = math.ceil(depth_m / self.voxel_m)
         if depth_vox <= 0 or fi >= self.pt.shape[0]:
-            return depth_m, None
+            return nominal_m, None
         radius_vox = self.settings.throat_radius_m / self.voxel_m
-        return depth_m, self._compute_during(infiltrate, self.specimen.materials, fi, depth_vox, radius_vox)
+        return nominal_m, self._compute_during(
+            _ragged_infiltration, self.specimen.materials, fi, depth_vox, radius_vox, self.settings.seed
+        )
 
     def _curtain(self, fi: int, cap_m: float, current_a: float, passes: int) -> asyncio.Future[np.ndarray]:
         """The curtain map of face `fi` as it will be after the cut, computing in a thread."""
@@ -290,7 +299,7 @@ class SimulatedDualBeam(ImagingVerbs):
             self._face.position_m += removed * done
             self._face.polish_passes = 0
             self._face.cap_m = cap_after
-            self._drift += self._rng_jump.normal(0.0, POST_MILL_JUMP_M, 2)
+            self._drift.jump()
             self._face.curtain = (
                 planned
                 if done >= 1.0
@@ -356,6 +365,35 @@ class SimulatedDualBeam(ImagingVerbs):
                 completed=True,
                 state=self._state_after(),
             )
+
+    async def mill_fiducial(
+        self, request: FiducialRequest, *, deadline_s: float | None = None
+    ) -> FiducialResult:
+        async with self._operation("mill_fiducial"):
+            self._mill_checks("mill_fiducial", request.species)
+            volume = request.size_m**2 * request.depth_m * 0.4  # an X in a frame: ~40% of the square
+            duration = timing.mill_time_s(
+                volume, request.current_a * self._current_factor(), request.species, "pt"
+            )
+            if await self._spend(duration) < 1.0:
+                raise AbortedError("mill_fiducial stopped", detail={"verb": "mill_fiducial"})
+            x0, y0 = self._origin_m(0.0)  # the centre line across, the top of the field down
+            self.fiducial = Fiducial(x0 + request.offset_x_m, y0 + request.offset_y_m, request.size_m)
+            self._drift.jump()  # patterning disturbs the specimen like a mill does
+            return FiducialResult(
+                duration_s=duration,
+                offset_x_m=request.offset_x_m,
+                offset_y_m=request.offset_y_m,
+                size_m=request.size_m,
+                state=self._state_after(),
+            )
+
+
+def _ragged_infiltration(
+    materials: np.ndarray, fi: int, depth_vox: int, radius_vox: float, seed: int
+) -> np.ndarray:
+    """The Pt mask of one deposit with its front ragged across the face (a worker thread's job)."""
+    return ragged_front(infiltrate(materials, fi, depth_vox, radius_vox), seed, fi)
 
 
 def _first_field(exc: Exception) -> str:

@@ -47,12 +47,15 @@ from kintsugi_daemon.instrument import (
     BEAM_SHIFT_LIMIT_M,
     SEM_FIB_ANGLE_DEG,
 )
+from simulator.drift import Drift
 from simulator.faults import FaultPlan, FaultSpec
+from simulator.fiducial import Fiducial
 from simulator.imaging import (
     CAP_VIEW_M,
     FaceView,
     ImagingConditions,
 )
+from simulator.materials import CANONICAL_CLASSES
 from simulator.pore_back import PORE_BACK_MAX_DEPTH_M
 from simulator.specimen import Specimen
 
@@ -89,13 +92,22 @@ def depth_ahead_vox(voxel_m: float) -> int:
 
 
 DEPTH_AHEAD_VOX = depth_ahead_vox(40e-9)  # at the default 40 nm voxels (127)
-DRIFT_NM_PER_SQRT_S = 0.4  # random walk: ~3 nm after a minute
 CURRENT_DROP_FACTOR = 0.6
 
 
 # Verbs that run as an operation (serialised, stoppable): the only ones a `hang` can act on.
 OPERATION_VERBS = frozenset(
-    {"move_stage", "set_ion_beam", "deposit_pt", "mill", "polish", "acquire", "auto_function", "edx_map"}
+    {
+        "move_stage",
+        "set_ion_beam",
+        "deposit_pt",
+        "mill",
+        "polish",
+        "mill_fiducial",
+        "acquire",
+        "auto_function",
+        "edx_map",
+    }
 )
 # Faults that act on the one call they fire on, and the verbs where that call can be affected.
 _FAULT_VERBS: dict[str, frozenset[str]] = {
@@ -157,6 +169,7 @@ class SimulatorSettings:
     # smooth random field over the face, fixed for the run) stay empty - uneven precursor supply or pore
     # mouths sealed by the deposit, i.e. a partial infiltration
     infiltration_coverage: float = 1.0
+    thermal_drift: bool = True  # off for datasets: with/without-Pt variants spend different times
 
 
 @dataclass
@@ -222,7 +235,10 @@ class InstrumentCore:
             rotation_deg=0.0,
         )
         self._beam_shift = BeamShift(x_m=0.0, y_m=0.0)
-        self._drift = np.zeros(2)  # sample drift (x, y) in metres
+        self._stage0 = self._stage
+        self._drift = Drift(self._rng_drift, self._rng_jump, thermal=settings.thermal_drift)
+        self.fiducial: Fiducial | None = None
+        self.truth: list[dict[str, float]] = []  # per image: what the daemon should have measured
         self._vacuum_ok = True
         self._busy: str | None = None
         self._patterning: Literal["idle", "running", "paused"] = "idle"
@@ -347,7 +363,7 @@ class InstrumentCore:
         return asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
 
     def _drift_walk(self, seconds: float) -> None:
-        self._drift += self._rng_drift.normal(0.0, DRIFT_NM_PER_SQRT_S * 1e-9 * math.sqrt(seconds), 2)
+        self._drift.advance(seconds)
 
     def _required_wd_m(self) -> float:
         recession = self._face.position_m
@@ -364,8 +380,17 @@ class InstrumentCore:
             y -= CAP_VIEW_M  # the frame's top rows show the protective cap, as on the instrument
             # A fixed beam meets a receding face lower down: the y-correction Slice & View applies.
             y += self._face.position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
-        x += self._beam_shift.x_m - self._drift[0]
-        y += self._beam_shift.y_m - self._drift[1]
+        x += self._beam_shift.x_m - self._drift.position_m[0]
+        y += self._beam_shift.y_m - self._drift.position_m[1]
+        return (x, y)
+
+    def _fov_error_m(self) -> tuple[float, float]:
+        """Where the field of view is against where an ideal run keeps it (no drift, ideal y-correction,
+        the stage where it started): the drift residual the daemon leaves."""
+        x = self._beam_shift.x_m - self._drift.position_m[0] - (self._stage.x_m - self._stage0.x_m)
+        y = self._beam_shift.y_m - self._drift.position_m[1] + (self._stage0.y_m - self._stage.y_m)
+        if self.geometry == "cross_section":
+            y += self._face.position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
         return (x, y)
 
     # --- identity and state -----------------------------------------------------------------------
@@ -443,6 +468,27 @@ class InstrumentCore:
 
     # --- test-only views --------------------------------------------------------------------------
 
+    def inject_drift(self, dx_m: float, dy_m: float) -> None:
+        self._drift.inject(dx_m, dy_m)
+
+    def _record_truth(self, cond: ImagingConditions, labels: np.ndarray) -> None:
+        ex, ey = self._fov_error_m()
+        self.truth.append(
+            {
+                "slice_index": float(self._face.slice_index),
+                "face_position_m": self._face.position_m,
+                "fov_error_x_m": ex,
+                "fov_error_y_m": ey,
+                "drift_x_m": float(self._drift.position_m[0]),
+                "drift_y_m": float(self._drift.position_m[1]),
+                "defocus_m": cond.defocus_m,
+                "astigmatism": cond.astigmatism,
+                "pore_px": float(np.count_nonzero(labels == CANONICAL_CLASSES["pore"])),
+                "unfilled_pore_px": float(np.count_nonzero(labels == CANONICAL_CLASSES["unfilled_pore"])),
+                "instrument_time_s": self._instrument_s,
+            }
+        )
+
     def face_report(self) -> dict[str, object]:
         fi = self.face_index
         return {
@@ -450,6 +496,10 @@ class InstrumentCore:
             "face_position_m": self._face.position_m,
             "slice_index": self._face.slice_index,
             "pt_voxels_ahead": int(self.pt[fi : fi + depth_ahead_vox(self.voxel_m)].sum()),
+            "drift_m": [float(v) for v in self._drift.position_m],
+            "fov_error_m": list(self._fov_error_m()),
+            "defocus_m": self._optics.wd_set_m - self._required_wd_m(),
+            "fiducial": None if self.fiducial is None else self.fiducial.__dict__,
             "cap_thickness_m": self._face.cap_m,
             "instrument_time_s": self._instrument_s,
             "faults": self.faults.describe(time.monotonic()),

@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run through `kintsugi bridge --backend demo` (OpenFIBSEM's Demo microscope; the [bridge] "
         "extra) instead of the simulator: noise images, segmentation off",
     )
+    d.add_argument(
+        "--policy",
+        choices=["adaptive", "fixed"],
+        default=DemoOptions.policy,
+        help="adaptive (default): the next slice adapts to what the last ones showed; fixed: Pt every slice",
+    )
     d.add_argument("--embedded-broker", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(handler=_main)
 
@@ -59,6 +65,7 @@ def _main(args: argparse.Namespace) -> int:
         broker=args.broker,
         embedded_broker=args.embedded_broker,
         bridge=args.bridge,
+        policy=args.policy,
     )
     try:
         return asyncio.run(run_demo(opts))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kintsugi_daemon.adapt import LAG, enabled
 from kintsugi_daemon.config import load_recipe
 from kintsugi_daemon.estimate import estimate_run
 
@@ -56,4 +57,9 @@ def _main(args: argparse.Namespace) -> int:
     )
     seg = recipe.segmentation
     print(f"  segmentation      {'model ' + seg.model if seg.enabled else 'off'}")
+    names = enabled(recipe)
+    print(
+        f"  adapt             {recipe.adapt.policy}"
+        + (": " + ", ".join(f"{n} (lag {LAG[n]})" for n in names) if names else "")
+    )
     return 0

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from kintsugi_daemon.cli.remote import DaemonView, Operator
@@ -67,6 +67,7 @@ class DemoOptions:
     bridge: str | None = (
         None  # "demo": `kintsugi bridge --backend demo` (OpenFIBSEM) instead of the simulator
     )
+    policy: Literal["fixed", "adaptive"] = "adaptive"  # the published schedule, or the closed loop
 
     def __post_init__(self) -> None:
         if self.bridge not in (None, "demo"):
@@ -175,10 +176,27 @@ def demo_recipe(opts: DemoOptions, segmentation: bool) -> str:
                 "current_a": 5e-9,
             },
             "segmentation": {"enabled": segmentation, "model": "builtin"},
+            # The bridge's Demo microscope images noise: no fiducial to follow; its demo keeps the schedule.
+            "adapt": {"policy": "fixed" if opts.bridge else opts.policy},
+            # The fiducial's window near the top left, sized to the field of view.
+            "adapt.drift": {
+                "fiducial_x_px": opts.width_px // 32,
+                "fiducial_y_px": opts.height_px // 32,
+                "fiducial_width_px": max(32, min(256, opts.width_px // 4)),
+                "fiducial_height_px": max(32, min(128, opts.height_px // 4)),
+            },
+            # The segmentation-driven policies need the model; without it the rest still adapt.
+            "adapt.pt": {"enabled": segmentation},
+            "adapt.stop": {"enabled": segmentation},
             # A demo writes tens of MB; the production default (2 GB free) would suspend it on a small disk.
             "guards": {"min_free_disk_bytes": 200_000_000},
         },
-        "Written by `kintsugi demo`: a kintsugi cross-section run, Pt before every slice.",
+        "Written by `kintsugi demo`: a kintsugi cross-section run"
+        + (
+            ", adaptive (Pt, drift, focus, thickness, curtaining, imaging, stop rules)."
+            if opts.policy == "adaptive" and not opts.bridge
+            else ", Pt before every slice."
+        ),
     )
 
 

@@ -54,6 +54,10 @@ def summarise(
         for p in sorted((run_dir / "slices").glob("*.segmentation.json"))
     ]
     greys, outbox, sent = _journal_numbers(journal, manifest["run_id"])
+    adapted = [
+        json.loads(p.read_text())
+        for p in sorted((run_dir / "slices").glob("[0-9][0-9][0-9][0-9].adapt.json"))
+    ]
     tifs = list((run_dir / "slices").glob("*.tif"))
     return {
         "run_id": manifest["run_id"],
@@ -66,6 +70,8 @@ def summarise(
         "wall_demo_s": wall_demo_s,
         "greys": greys,
         "segmentation": segs,
+        "policy": adapted[0]["policy"] if adapted else "fixed",
+        "decisions": [d for record in adapted for d in record["decisions"]],
         "outbox": outbox,
         "sent": sent,
         "events_seen": events_seen,
@@ -80,6 +86,26 @@ def summarise(
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def _decision_lines(policy: str, decisions: list[dict[str, Any]], shown: int = 12) -> list[str]:
+    """What the adaptive policy decided: counts per policy and action, then the decisions themselves."""
+    if policy != "adaptive":
+        return [f"  adaptation        {policy}: no decisions (the recipe's schedule)"]
+    counts: dict[str, int] = {}
+    for d in decisions:
+        key = f"{d['policy']}/{d['action']}"
+        counts[key] = counts.get(key, 0) + 1
+    listed = ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    out = [f"  adaptation        adaptive: {len(decisions)} decisions" + (f" ({listed})" if listed else "")]
+    for d in decisions[:shown]:
+        out.append(
+            f"    slice {d['basis_slice']:>4} -> {d['applies_to_slice']:<4} {d['policy']:<10} "
+            f"{d['action']:<24} {d['why']}"
+        )
+    if len(decisions) > shown:
+        out.append(f"    ... {len(decisions) - shown} more in slices/NNNN.adapt.json and on events/adapted")
+    return out
 
 
 def print_summary(s: dict[str, Any], run_dir: Path) -> None:
@@ -117,6 +143,7 @@ def print_summary(s: dict[str, Any], run_dir: Path) -> None:
                 out.append(f"  {label:<17} {_mean(values):.3f} (mean of {len(values)} slices)")
     else:
         out.append("  segmentation      off")
+    out += _decision_lines(s.get("policy", "fixed"), s.get("decisions", []))
     out.append(
         f"  events            {s['outbox']} journaled, {s['sent']} published, "
         f"{s['events_seen']} seen by the demo"

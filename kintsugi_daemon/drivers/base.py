@@ -39,6 +39,8 @@ __all__ = [
     "EdxRequest",
     "EdxResult",
     "ErrorBody",
+    "FiducialRequest",
+    "FiducialResult",
     "GisState",
     "InstrumentBusy",
     "InstrumentError",
@@ -332,6 +334,27 @@ class MillResult(StrictModel):
     state: InstrumentState | None = None
 
 
+class FiducialRequest(StrictModel):
+    """A drift-correction mark milled once at run start beside the region (as Auto Slice & View does) and
+    imaged with every slice. Placed from the top centre of the current SEM field of view: x across,
+    y down the face, in face-plane metres (a cross-section image row spans pixel / sin 52 deg)."""
+
+    offset_x_m: float = Field(ge=-1e-4, le=1e-4)
+    offset_y_m: float = Field(ge=-1e-4, le=1e-4)
+    size_m: float = Field(gt=0, le=20e-6)
+    depth_m: float = Field(default=0.5e-6, gt=0, le=5e-6)
+    current_a: float = Field(gt=0, le=2.5e-6)
+    species: IonSpecies
+
+
+class FiducialResult(StrictModel):
+    duration_s: float
+    offset_x_m: float
+    offset_y_m: float
+    size_m: float
+    state: InstrumentState | None = None  # as the pattern ends (see DepositResult.state)
+
+
 class StopResult(StrictModel):
     stopped: str | None  # the verb that was running, if any
 
@@ -489,6 +512,7 @@ DEFAULT_DEADLINES_S: dict[str, float] = {
     "deposit_pt": 900.0,
     "mill": 900.0,
     "polish": 900.0,
+    "mill_fiducial": 900.0,
     "acquire": 600.0,
     "auto_function": 180.0,
     "edx_map": 3600.0,
@@ -517,6 +541,9 @@ class DualBeam(Protocol):
     ) -> DepositResult: ...
     async def mill(self, request: MillRequest, *, deadline_s: float | None = None) -> MillResult: ...
     async def polish(self, request: PolishRequest, *, deadline_s: float | None = None) -> MillResult: ...
+    async def mill_fiducial(
+        self, request: FiducialRequest, *, deadline_s: float | None = None
+    ) -> FiducialResult: ...
     async def acquire(self, request: AcquireRequest, *, deadline_s: float | None = None) -> Acquisition: ...
     async def auto_function(
         self, request: AutoFunctionRequest, *, deadline_s: float | None = None

@@ -36,6 +36,8 @@ from kintsugi_daemon.drivers.base import (
     EdxRequest,
     EdxResult,
     ErrorBody,
+    FiducialRequest,
+    FiducialResult,
     InstrumentError,
     InstrumentIdentity,
     InstrumentState,
@@ -215,6 +217,13 @@ class HttpDualBeam:
 
     async def polish(self, request: PolishRequest, *, deadline_s: float | None = None) -> MillResult:
         return await self._json("polish", "POST", "/polish", request, MillResult, deadline_s)
+
+    async def mill_fiducial(
+        self, request: FiducialRequest, *, deadline_s: float | None = None
+    ) -> FiducialResult:
+        return await self._json(
+            "mill_fiducial", "POST", "/mill-fiducial", request, FiducialResult, deadline_s
+        )
 
     async def acquire(self, request: AcquireRequest, *, deadline_s: float | None = None) -> Acquisition:
         channels, meta = await self._tiff("acquire", "/acquire", request, deadline_s)

@@ -46,6 +46,8 @@ from kintsugi_daemon.drivers.base import (
     DualBeam,
     EdxRequest,
     ErrorBody,
+    FiducialRequest,
+    FiducialResult,
     InstrumentError,
     InstrumentIdentity,
     InstrumentState,
@@ -373,6 +375,10 @@ def build_app(  # noqa: C901 - the route table: mccabe adds up its small nested 
     @api.post("/polish")
     async def polish(body: PolishRequest, d: DeadlineDep) -> MillResult:
         return await run("polish", lambda s: instrument.polish(body, deadline_s=s), d)
+
+    @api.post("/mill-fiducial")
+    async def mill_fiducial(body: FiducialRequest, d: DeadlineDep) -> FiducialResult:
+        return await run("mill_fiducial", lambda s: instrument.mill_fiducial(body, deadline_s=s), d)
 
     @api.post(
         "/acquire",

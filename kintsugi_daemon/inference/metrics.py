@@ -227,6 +227,9 @@ class SliceMetrics(BaseModel):
     fraction_active: float
     fraction_cbd: float
     fraction_collector: float
+    # OUTSIDE_LABEL pixels (no specimen: above the surface, past an edge) of the whole image; the phase
+    # fractions above are of the specimen's pixels
+    fraction_outside: float = 0.0
     porosity: float  # pore + unfilled_pore, of the whole image
     electrode_porosity: float | None  # of the image minus the collector
     unfilled_pore_share: float | None  # unfilled_pore / (pore + unfilled_pore): Pt not reaching
@@ -303,6 +306,7 @@ def slice_metrics(
         fraction_active=frac["active"],
         fraction_cbd=frac["cbd"],
         fraction_collector=frac["collector"],
+        fraction_outside=int(np.count_nonzero(labels == OUTSIDE_LABEL)) / labels.size,
         porosity=pores,
         electrode_porosity=_ratio(pores, electrode, "electrode_porosity", "all collector", undefined),
         unfilled_pore_share=_ratio(

@@ -152,10 +152,19 @@ def _decision_table(run: RunData) -> list[tuple[str, str]]:
             continue
         policies.add(str(s.result.get("policy", "?")))
         decisions = s.result.get("decisions") or {}
-        if decisions:
+        if isinstance(decisions, list):  # the adaptive policy's decision records (adapt/decisions.py)
+            for d in decisions:
+                rows.append(
+                    (
+                        f"slice {d.get('basis_slice')} -> {d.get('applies_to_slice')}",
+                        f"{d.get('policy')} {d.get('action')}: {d.get('why')}",
+                    )
+                )
+        elif decisions:
             rows.append((f"slice {s.slice_index}", ", ".join(f"{k}={_fmt(v)}" for k, v in decisions.items())))
+    recorded = bool(rows)  # the adapt steps' records already list what the `adapted` events say
     for e in run.events:
-        if e.type == "adapted":
+        if e.type == "adapted" and not recorded:
             rows.append((f"event #{e.seq}", ", ".join(f"{k}={_fmt(v)}" for k, v in e.data.items())))
     if not rows and policies:
         rows.append(("none", f"policy {', '.join(sorted(policies))}: no decision changed the plan"))

@@ -335,6 +335,14 @@ class RunStorage:
         self._write(record_path, _text_writer(record_text))
         return {**files, "record": record_path.relative_to(self.run_dir).as_posix()}
 
+    def write_adapt(self, index: int, record: dict[str, Any]) -> str:
+        """The adapt step's record of a slice (observation, decisions, next settings), beside the slice's
+        own: decisions come after its images. A repeat of the step (after a suspension or a crash before
+        its completion was journaled) writes the record it journals, atomically in place of the old one."""
+        path = self.run_dir / SLICES / f"{index:04d}.adapt.json"
+        self._write(path, _text_writer(_json_text(record, f"adaptation of slice {index}")))
+        return path.relative_to(self.run_dir).as_posix()
+
     def segmentation_complete(self, index: int) -> bool:
         try:
             record = _read_json(self.segmentation_record_path(index))

@@ -45,9 +45,20 @@ class SliceProducts:
             "thickness_m": run.recipe.run.slice_thickness_m,
             "files": self._image_files(run, index),
         }
+        observed = [o for o in run.adapt.history if o.slice_index == index]
+        if observed:  # the adaptive policy: what the slice measured and what was decided from it
+            obs = observed[-1]
+            decided = run.adapt.decided.get(index, [])
+            if obs.thickness_m is not None and obs.thickness_m > 0:
+                summary["thickness_m"] = obs.thickness_m
+            summary["metrics"] = obs.numeric()
+            summary["decisions"] = {
+                f"{d.policy}/{d.action}": f"slice {d.applies_to_slice}: {d.why}" for d in decided
+            }
+            self.last_metrics = {"slice": index, **obs.numeric(), "adapt_decisions": len(decided)}
         segmented = self._early.pop(index, None)
         if segmented is not None:  # segmentation beat the checkpoint
-            summary["metrics"] = segmented["metrics"]
+            summary["metrics"] = {**summary.get("metrics", {}), **segmented["metrics"]}
             summary["files"] |= segmented["files"]
         elif run.recipe.segmentation.enabled:
             self._waiting[index] = summary  # it usually finishes during the next slice
@@ -55,12 +66,17 @@ class SliceProducts:
         self.latest = summary
 
     def segmented(self, run: ActiveRun, index: int, metrics: dict[str, Any], files: dict[str, str]) -> None:
+        run.adapt.attach_segmentation(index, metrics)  # what the Pt and stop policies read (lag 2)
         self.last_metrics = {"slice": index, **metrics}
         summary = self._waiting.pop(index, None)
         if summary is None:  # not checkpointed yet: the checkpoint picks it up
             self._early[index] = {"metrics": metrics, "files": files}
             return
-        self.latest = {**summary, "metrics": metrics, "files": {**summary["files"], **files}}
+        self.latest = {
+            **summary,
+            "metrics": {**summary.get("metrics", {}), **metrics},
+            "files": {**summary["files"], **files},
+        }
 
     def unsegmented(self, index: int) -> None:
         """The slice's segmentation failed: the slice is still finished, without metrics."""

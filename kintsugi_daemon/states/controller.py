@@ -32,7 +32,8 @@ from kintsugi_daemon.drivers.base import (
 )
 from kintsugi_daemon.service import profiling
 from kintsugi_daemon.service.journal import EventDraft, Journal
-from kintsugi_daemon.states import commands, recovery, steps
+from kintsugi_daemon.states import adapting, commands, recovery, steps
+from kintsugi_daemon.states.adapting import AdaptSuspended
 from kintsugi_daemon.states.alerts import Alerts
 from kintsugi_daemon.states.checkpoint import (
     SliceProducts,
@@ -295,6 +296,9 @@ class Controller:
                 continue  # a command moved the machine meanwhile; the boundary handles it
             except Interrupted:
                 continue  # the boundary decides: paused, aborted or halted
+            except AdaptSuspended as exc:
+                await adapting.suspend_run(self, exc)
+                continue  # the boundary ends the loop; `resume` (by the operator) goes on
             except (InstrumentFault, CommsLost, DeadlineExceeded) as exc:
                 if await self._suspend_for_guards():
                     continue
@@ -316,13 +320,13 @@ class Controller:
     def _next_step(self) -> tuple[int, str] | None:
         run = self.run
         assert run is not None
-        if run.next_slice >= run.total:
+        if run.next_slice >= run.total or run.adapt.stop_before(run.next_slice) is not None:
             return None
         done = {r.step for r in self.journal.steps(run.run_id, run.next_slice) if r.ok}
         done |= self.completions.steps_of(run.next_slice)
         if self.segmentation.running(run.next_slice):
             done.add("segment")  # running in the background; its own task journals the result
-        for step in steps.steps_for_slice(run.recipe, run.next_slice):
+        for step in steps.planned(run, run.next_slice):
             if step not in done:
                 return run.next_slice, step
         return None
@@ -385,7 +389,7 @@ class Controller:
             state = await self.latest.get()
         except InstrumentError:
             return None
-        needs_gis = "deposit_pt" in steps.steps_for_slice(self.run.recipe, self.run.next_slice)
+        needs_gis = "deposit_pt" in steps.planned(self.run, self.run.next_slice)
         free = self.run.storage.free_bytes() - self.reserve.missing_bytes  # the reserve counts as used
         readings = self._guards.evaluate(state, free, needs_gis=needs_gis)
         return self._guards.update(readings, time.monotonic())
@@ -454,7 +458,10 @@ class Controller:
                 return
             run.face_m = state.face_position_m
             # Built once: the intent journals exactly the object the instrument is sent.
-            request = spec.build(run.recipe, recovery.remaining_thickness(self.journal, run, index, state))
+            recipe = run.slice_recipe(index)  # the adaptive settings of this slice, in recipe fields
+            request = spec.build(
+                recipe, recovery.remaining_thickness(self.journal, run, index, state, recipe)
+            )
             params |= steps.before(state) | {"request": request.model_dump(mode="json")}
         if spec.prepare is not None:
             spec.prepare(run)
@@ -472,14 +479,18 @@ class Controller:
         t0 = time.monotonic()
         assert spec.perform is not None
         try:
-            ctx = steps.StepContext(self.instrument, run, index, request, self.latest.fresh())
+            ctx = steps.StepContext(
+                self.instrument, run, index, request, self.latest.fresh(), self.segmentation.wait
+            )
             result = await spec.perform(ctx)
-        except (InstrumentError, OSError, sqlite3.Error) as exc:  # Aborted is an InstrumentError
+        except (InstrumentError, OSError, sqlite3.Error, AdaptSuspended) as exc:  # Aborted: InstrumentError
             self.latest.forget()
             full = self.reserve.release_if_full(exc)  # room to journal the failure and the suspension
-            if not full and not isinstance(exc, InstrumentError):
+            if not full and not isinstance(exc, (InstrumentError, AdaptSuspended)):
                 raise
             record_failure(self.journal, run.run_id, index, step, step_id, exc)
+            if isinstance(exc, AdaptSuspended):
+                raise
             if isinstance(exc, Aborted) or self._interrupt is not None:
                 raise Interrupted() from exc
             if full:
@@ -489,7 +500,8 @@ class Controller:
         # Only an operation's own answer says how it left the instrument; a step without one forgets.
         self.latest.remember(result.pop("state", None))
         # Committed with the next state change (the next step's intent, a pause, a fault...).
-        self.completions.hold(run.run_id, index, step, step_id, result)
+        extra = spec.events(run.run_id, index, result) if spec.events is not None else []
+        self.completions.hold(run.run_id, index, step, step_id, result, extra)
         self.on_change()
 
     async def _checkpoint(self, run: ActiveRun, index: int, reason: str | None) -> None:

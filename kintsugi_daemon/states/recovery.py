@@ -8,11 +8,11 @@ from pathlib import Path
 
 import structlog
 
-from kintsugi_daemon.config import parse_recipe
+from kintsugi_daemon.config import Recipe, parse_recipe
 from kintsugi_daemon.drivers.base import DualBeam, InstrumentState
 from kintsugi_daemon.service.journal import EventDraft, Journal, RunRecord, StepRecord
 from kintsugi_daemon.service.storage import RunStorage
-from kintsugi_daemon.states import steps
+from kintsugi_daemon.states import adapting, steps
 from kintsugi_daemon.states.run import ActiveRun
 
 __all__ = [
@@ -37,7 +37,9 @@ def load_run(journal: Journal, data_root: Path, record: RunRecord) -> ActiveRun:
     storage = RunStorage(data_root, record.run_id, create=False)
     checkpoint = journal.last_checkpoint(record.run_id)
     next_slice = checkpoint[0] + 1 if checkpoint else 0
-    return ActiveRun(record.run_id, recipe, storage, record.total_slices, next_slice=next_slice)
+    run = ActiveRun(record.run_id, recipe, storage, record.total_slices, next_slice=next_slice)
+    adapting.restore(journal, run)
+    return run
 
 
 def judge(rec: StepRecord, state: InstrumentState) -> steps.Reconciliation:
@@ -109,9 +111,12 @@ def earlier_attempt_took_effect(
     return True
 
 
-def remaining_thickness(journal: Journal, run: ActiveRun, index: int, state: InstrumentState) -> float:
-    """A mill cut short (immediate pause, fault) is finished with only what is left of the slice."""
-    thickness = run.recipe.run.slice_thickness_m
+def remaining_thickness(
+    journal: Journal, run: ActiveRun, index: int, state: InstrumentState, recipe: Recipe | None = None
+) -> float:
+    """A mill cut short (immediate pause, fault) is finished with only what is left of the slice
+    (of `recipe`'s thickness: the slice's own under the adaptive policy)."""
+    thickness = (recipe or run.recipe).run.slice_thickness_m
     attempts = _attempts(journal, run, index, "mill")
     if not attempts:
         return thickness

@@ -91,6 +91,13 @@ class SegmentationPipeline:
         )
         self._running[index] = task
 
+    async def wait(self, index: int) -> None:
+        """Until slice `index`'s segmentation (if running) has finished, failed or not."""
+        task = self._running.get(index)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
     async def drain(self) -> None:
         for task in list(self._running.values()):
             with contextlib.suppress(Exception):

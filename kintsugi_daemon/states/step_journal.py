@@ -34,11 +34,19 @@ class Completions:
         self._journal = journal
         self._held: dict[tuple[int, str], tuple[int, dict[str, Any], list[EventDraft]]] = {}
 
-    def hold(self, run_id: str, index: int, step: str, step_id: int, result: dict[str, Any]) -> None:
+    def hold(
+        self,
+        run_id: str,
+        index: int,
+        step: str,
+        step_id: int,
+        result: dict[str, Any],
+        extra: list[EventDraft] | None = None,
+    ) -> None:
         event = EventDraft(
             "step_completed", {"slice": index, "step": step, **_summary(result)}, run_id=run_id
         )
-        self._held[(index, step)] = (step_id, result, [event])
+        self._held[(index, step)] = (step_id, result, [event, *(extra or [])])
 
     def steps_of(self, index: int) -> set[str]:
         return {step for (i, step) in self._held if i == index}

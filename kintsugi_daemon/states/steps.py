@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kintsugi_daemon.adapt import fixed
+from kintsugi_daemon.adapt.observations import SliceSettings
 from kintsugi_daemon.config import Recipe
 from kintsugi_daemon.drivers.base import (
     AcquireRequest,
     Acquisition,
+    AutoFunctionRequest,
     BeamShift,
     DepositRequest,
     DetectorSettings,
@@ -27,10 +29,13 @@ from kintsugi_daemon.drivers.base import (
     MillRequest,
     PolishRequest,
     Rectangle,
+    StageMove,
 )
 from kintsugi_daemon.estimate import slice_bytes
 from kintsugi_daemon.instrument import POLISH_REMOVAL_M, SEM_FIB_ANGLE_DEG
 from kintsugi_daemon.service import profiling
+from kintsugi_daemon.service.journal import EventDraft
+from kintsugi_daemon.states import adapting
 from kintsugi_daemon.states.run import ActiveRun
 
 __all__ = [
@@ -46,6 +51,7 @@ __all__ = [
     "image",
     "journaled_request",
     "mill_request",
+    "planned",
     "polish_request",
     "spec",
     "steps_for_slice",
@@ -76,6 +82,7 @@ class StepContext:
     index: int
     request: Request | None = None
     state: InstrumentState | None = None  # the instrument's state as last seen, when still fresh
+    wait_segmented: Callable[[int], Awaitable[None]] | None = None  # until a slice's segmentation is done
 
 
 @dataclass(frozen=True)
@@ -90,25 +97,43 @@ class StepSpec:
     legacy_fields: Mapping[str, str] = field(default_factory=dict)
     # A check before the intent is journaled (raises to refuse the step, e.g. no room for the images).
     prepare: Callable[[ActiveRun], None] | None = None
+    # Events beside `step_completed`, committed with the completion (the adapt step's `adapted`).
+    events: Callable[[str, int, dict[str, Any]], list[EventDraft]] | None = None
 
     @property
     def destructive(self) -> bool:
         return self.build is not None
 
 
-def steps_for_slice(recipe: Recipe, index: int) -> list[str]:
-    """The fixed schedule (Auto Slice & View): Pt every k slices, mill, polish, image, segment, adapt."""
+def steps_for_slice(recipe: Recipe, index: int, settings: SliceSettings | None = None) -> list[str]:
+    """A slice's steps: deposit Pt, mill, polish, image, segment, adapt, checkpoint. Without `settings`
+    the fixed schedule (Auto Slice & View: Pt every k slices); with them, as the slice's settings say
+    (the adaptive loop's, which follow the same schedule under the fixed policy). An adaptive run that
+    corrects drift mills its fiducial before the first slice."""
     steps = []
-    if recipe.pt.every_slices and index % recipe.pt.every_slices == 0:
+    if settings is not None:
+        adaptive = recipe.adapt.policy == "adaptive"
+        if adaptive and recipe.adapt.drift.enabled and index == 0:
+            steps.append("mill_fiducial")
+        deposit, polish = settings.deposit_pt, settings.polish_passes
+    else:
+        deposit = bool(recipe.pt.every_slices) and index % recipe.pt.every_slices == 0
+        polish = recipe.polish.passes
+    if deposit:
         steps.append("deposit_pt")
     steps.append("mill")
-    if recipe.polish.passes:
+    if polish:
         steps.append("polish")
     steps.append("image")
     if recipe.segmentation.enabled:
         steps.append("segment")
     steps += ["adapt", "checkpoint"]
     return steps
+
+
+def planned(run: ActiveRun, index: int) -> list[str]:
+    """The steps of slice `index` of this run, as its settings say."""
+    return steps_for_slice(run.recipe, index, run.adapt.settings_for(index))
 
 
 def spec(step: str) -> StepSpec:
@@ -186,15 +211,44 @@ def acquire_request(recipe: Recipe) -> AcquireRequest:
     )
 
 
-async def image(instrument: DualBeam, recipe: Recipe, state: InstrumentState | None = None) -> Acquisition:
-    if recipe.imaging.y_correction and recipe.run.geometry == "cross_section":
-        # The beam meets the receding face lower each slice; shift it back to keep the region in view.
+async def image(
+    instrument: DualBeam,
+    recipe: Recipe,
+    state: InstrumentState | None = None,
+    settings: SliceSettings | None = None,
+    stage_target: tuple[float, float] | None = None,
+) -> Acquisition:
+    """Image the face. With adaptive `settings`: the stage move (to an absolute target, so a repeat after a
+    crash does not move twice), the drift correction on top of the y-correction as one whole beam-shift
+    point, then autofocus / autostigmation / auto contrast-brightness when decided, then the frame.
+    `state` is the instrument's state as last seen, when still fresh (a stage move changes neither the face
+    position nor the beam shift it is read for)."""
+    if stage_target is not None:
+        await instrument.move_stage(StageMove(mode="absolute", x_m=stage_target[0], y_m=stage_target[1]))
+    y_corrected = recipe.imaging.y_correction and recipe.run.geometry == "cross_section"
+    if y_corrected or settings is not None:
         state = state or await instrument.state()
-        shift_y = -state.face_position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG))
+        # The beam meets the receding face lower each slice; shift it back to keep the region in view.
+        y = -state.face_position_m * math.tan(math.radians(90.0 - SEM_FIB_ANGLE_DEG)) if y_corrected else 0.0
+        x = state.beam_shift.x_m if settings is None else settings.beam_shift_offset_x_m
+        if settings is not None:
+            y += settings.beam_shift_offset_y_m
+        elif not y_corrected:
+            y = state.beam_shift.y_m
         limit = state.beam_shift_limit_m
         await instrument.set_beam_shift(
-            BeamShift(x_m=state.beam_shift.x_m, y_m=max(min(shift_y, limit), -limit))
+            BeamShift(x_m=max(min(x, limit), -limit), y_m=max(min(y, limit), -limit))
         )
+    if settings is not None:
+        if settings.auto_focus:
+            await instrument.auto_function(AutoFunctionRequest(function="focus"))
+        if settings.auto_stigmation:
+            await instrument.auto_function(AutoFunctionRequest(function="stigmation"))
+        if settings.auto_contrast_brightness:
+            for detector in recipe.imaging.detectors:
+                await instrument.auto_function(
+                    AutoFunctionRequest(function="contrast_brightness", detector=detector)
+                )
     return await instrument.acquire(acquire_request(recipe))
 
 
@@ -203,7 +257,9 @@ async def image(instrument: DualBeam, recipe: Recipe, state: InstrumentState | N
 
 async def _deposit(ctx: StepContext) -> dict[str, Any]:
     assert isinstance(ctx.request, DepositRequest)
-    return (await ctx.instrument.deposit_pt(ctx.request)).model_dump()
+    result = (await ctx.instrument.deposit_pt(ctx.request)).model_dump()
+    ctx.run.adapt.deposited(ctx.index, float(result["infiltration_depth_m"]))
+    return result
 
 
 async def _mill(ctx: StepContext) -> dict[str, Any]:
@@ -221,7 +277,16 @@ async def _image(ctx: StepContext) -> dict[str, Any]:
     if run.storage.slice_complete(index):
         # Written before a crash that beat the journal: the files are the truth, do not re-image.
         return {"files": run.storage.read_slice(index)["files"], "recovered": True}
-    acq = await image(ctx.instrument, run.recipe, ctx.state)
+    if run.recipe.adapt.policy == "adaptive":
+        acq = await image(
+            ctx.instrument,
+            run.slice_recipe(index),
+            ctx.state,
+            run.adapt.settings_for(index),
+            run.adapt.stage_target(index),
+        )
+    else:
+        acq = await image(ctx.instrument, run.recipe, ctx.state)
     with profiling.span("storage"):
         paths = await asyncio.to_thread(
             run.storage.write_slice,
@@ -248,7 +313,13 @@ def _room_for_images(run: ActiveRun) -> None:
 
 
 async def _adapt(ctx: StepContext) -> dict[str, Any]:
-    return fixed.decide(ctx.run.recipe)
+    if ctx.run.recipe.adapt.policy == "fixed":
+        return fixed.decide(ctx.run.recipe)
+    return await adapting.adapt(ctx.instrument, ctx.run, ctx.index, ctx.wait_segmented)
+
+
+async def _mill_fiducial(ctx: StepContext) -> dict[str, Any]:
+    return (await ctx.instrument.mill_fiducial(adapting.fiducial_request(ctx.run.recipe))).model_dump()
 
 
 # --- reconcile ------------------------------------------------------------------------------------
@@ -275,6 +346,8 @@ def _deposit_happened(
 
 
 REGISTRY: dict[str, StepSpec] = {
+    # Non-destructive for the journal: a repeat after a crash deepens the same mark, it mills no slice.
+    "mill_fiducial": StepSpec("instrument", _mill_fiducial),
     "deposit_pt": StepSpec(
         "instrument",
         _deposit,
@@ -296,6 +369,6 @@ REGISTRY: dict[str, StepSpec] = {
     ),
     "image": StepSpec("instrument", _image, prepare=_room_for_images),
     "segment": StepSpec("segmentation"),
-    "adapt": StepSpec("instrument", _adapt),
+    "adapt": StepSpec("instrument", _adapt, events=adapting.adapted_events),
     "checkpoint": StepSpec("checkpoint"),
 }

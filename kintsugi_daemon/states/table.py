@@ -25,7 +25,7 @@ __all__ = [
     "write_diagram",
 ]
 
-STEPS = ("deposit_pt", "mill", "polish", "image", "segment", "adapt", "checkpoint")
+STEPS = ("mill_fiducial", "deposit_pt", "mill", "polish", "image", "segment", "adapt", "checkpoint")
 
 STATES: list[Any] = [
     "booting",

@@ -120,6 +120,10 @@ def run_demo(out: Path, cache: Path, *extra: str, env: dict[str, str] | None = N
     assert any("mqtt: connected" in line for line in log_lines)
     for line in log_lines:
         assert isinstance(json.loads(line), dict), line
+    # The adaptive policy by default: each slice's observation and decisions on record, listed in the summary.
+    assert "adaptation        adaptive:" in proc.stdout
+    adapt = json.loads((run_dir / "slices" / "0001.adapt.json").read_text())
+    assert adapt["policy"] == "adaptive" and adapt["observation"]["fiducial"]["score"] > 0.75
 
     # Broker, simulator and daemon are all gone.
     pids = json.loads((demo_dir / "pids.json").read_text())

@@ -129,3 +129,47 @@ def test_validate_cli(tmp_path: Path) -> None:
         [sys.executable, "-m", "kintsugi_daemon.cli", "validate", str(bad)], capture_output=True, text=True
     )
     assert refused.returncode == 2 and "run.slice_thickness_m" in refused.stderr
+
+
+ADAPTIVE = GOOD + '[adapt]\npolicy = "adaptive"\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("[adapt.drift]\nmin_score = 1.5\n", "adapt.drift.min_score"),
+        ("[adapt.drift]\nmin_scor = 0.5\n", "adapt.drift.min_scor"),  # typo
+        ("[adapt.pt]\nmax_unfilled_share = nan\n", "adapt.pt.max_unfilled_share"),
+        ("[adapt.thickness]\ngain = 0\n", "adapt.thickness.gain"),
+        ("[adapt.imaging]\nmin_dwell_s = 5e-6\nmax_dwell_s = 2e-6\n", "adapt.imaging.min_dwell_s exceeds"),
+        # contradictions with another section, refused only when the adaptive policy reads them
+        ("[adapt.imaging]\nmax_dwell_s = 2e-6\n", "imaging.dwell_s 3e-06 lies outside"),
+        ("[adapt.curtaining]\nmin_mill_current_a = 20e-9\n", "adapt.curtaining.min_mill_current_a exceeds"),
+        ("[adapt.drift]\nfiducial_x_px = 1400\n", "adapt.drift.fiducial_"),
+        ("[segmentation]\nenabled = false\n", "adapt.pt.enabled needs segmentation.enabled"),
+        ("[polish]\npasses = 5\n", "adapt.curtaining.max_polish_passes is below polish.passes"),
+    ],
+)
+def test_bad_adapt_settings_name_the_key(extra: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_recipe(ADAPTIVE + extra)
+
+
+def test_fixed_policy_ignores_adaptive_tables_it_does_not_read() -> None:
+    recipe = parse_recipe(GOOD + "[segmentation]\nenabled = false\n[adapt.imaging]\nmax_dwell_s = 2e-6\n")
+    assert recipe.adapt.policy == "fixed"
+
+
+def test_validate_cli_refuses_contradictory_adapt_settings(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(ADAPTIVE)
+    ok = subprocess.run(
+        [sys.executable, "-m", "kintsugi_daemon.cli", "validate", str(path)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "adapt             adaptive: drift (lag 1), stop (lag 2), pt (lag 2)" in ok.stdout
+    path.write_text(ADAPTIVE + "[adapt.pt]\nmin_interval_slices = 9\nmax_interval_slices = 3\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "kintsugi_daemon.cli", "validate", str(path)], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "adapt.pt.min_interval_slices" in refused.stderr

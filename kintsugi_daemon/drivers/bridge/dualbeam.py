@@ -36,6 +36,8 @@ from kintsugi_daemon.drivers.base import (
     DepositResult,
     EdxRequest,
     EdxResult,
+    FiducialRequest,
+    FiducialResult,
     GisState,
     InstrumentBusy,
     InstrumentError,
@@ -385,6 +387,33 @@ class BridgeDualBeam:
             current_a=request.current_a,
         )
         return await self._remove("polish", job, removed, new_slice=False)
+
+    async def mill_fiducial(
+        self, request: FiducialRequest, *, deadline_s: float | None = None
+    ) -> FiducialResult:
+        """A square mark beside the region. The request places it from the top centre of the SEM field;
+        the pattern is placed from the ion beam's field centre, which coincides at the eucentric height
+        (an approximation to check on hardware: an X would match better than a plain square)."""
+        area = Rectangle(
+            center_x_m=request.offset_x_m,
+            center_y_m=request.offset_y_m,
+            width_m=request.size_m,
+            height_m=request.size_m,
+        )
+        job = self._job("rectangle", area, request.depth_m, "si", current_a=request.current_a)
+
+        def work() -> float:
+            t0 = time.monotonic()
+            self._run_job(job)
+            return time.monotonic() - t0
+
+        duration = await self._run("mill_fiducial", work)
+        return FiducialResult(
+            duration_s=duration,
+            offset_x_m=request.offset_x_m,
+            offset_y_m=request.offset_y_m,
+            size_m=request.size_m,
+        )
 
     async def _remove(self, verb: str, job: PatternJob, removed_m: float, *, new_slice: bool) -> MillResult:
         def work() -> float:

@@ -1,0 +1,354 @@
+"""Adaptive next-slice policies against fixed schedules (issue 9 figures), side by side in one run.
+
+Same specimen and seed for every run, a fresh simulator process each (time scale 0: instrument time from
+the timing model), the daemon's own controller driving it:
+- published: the published schedule, Pt every slice (fixed policy), segmentation on;
+- the sweep: Pt every 2, 5, 10, 20 slices (fixed policy, segmentation off: only the Pt figures count);
+  "best fixed" is the cheapest interval keeping >= 0.95 of pore pixels Pt-filled over the run, which an
+  operator cannot know in advance;
+- adaptive: `[adapt] policy = "adaptive"`, segmentation on.
+Ground truth comes from the simulator's test endpoints: the field of view's error against an ideal run
+(drift residual), face positions (slice thickness), Pt-filled and unfilled pore pixels of every image and
+the label image of every image (mIoU of the daemon's segmentation, classes pore/active/cbd/collector).
+The idle fraction is measured separately: the adaptive run with segmentation at a time scale that makes
+one slice about `--instrument-s` seconds of instrument work; idle = wall time outside instrument calls.
+
+    python -m benchmarks.bench_adapt [--slices 200] [--width-px 512 --height-px 384] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import tifffile
+
+from kintsugi_daemon.config import DaemonSettings, parse_recipe
+from kintsugi_daemon.demo.simulator_process import SimulatorProcess, start_simulator
+from kintsugi_daemon.drivers.http_client import HttpDualBeam
+from kintsugi_daemon.drivers.tiff_wire import decode_channels
+from kintsugi_daemon.estimate import estimate_run
+from kintsugi_daemon.inference.metrics import MEAN_IOU_CLASSES, iou_counts
+from kintsugi_daemon.instrument import SIN_SEM_FIB
+from kintsugi_daemon.service.journal import Journal
+from kintsugi_daemon.service.wiring import configure_logging
+from kintsugi_daemon.states.controller import Controller
+
+PX = 4.05e-8
+OUTSIDE = 255  # label of pixels that are no material (above the surface, the fiducial)
+TARGET_M = 40e-9
+SWEEP = (2, 5, 10, 20)
+
+RECIPE = """
+[run]
+name = "bench-adapt"
+slices = {slices}
+slice_thickness_m = 40e-9
+[roi]
+width_m = {width_m!r}
+height_m = {height_m!r}
+[pt]
+every_slices = {every}
+[imaging]
+detectors = ["cbs", "tld"]
+width_px = {width}
+height_px = {height}
+pixel_size_m = 4.05e-8
+[segmentation]
+enabled = {segmentation}
+[adapt]
+policy = "{policy}"
+[adapt.drift]
+fiducial_x_px = {fx}
+fiducial_y_px = {fy}
+fiducial_width_px = {fw}
+fiducial_height_px = {fh}
+[guards]
+min_free_disk_bytes = 0
+"""
+
+
+def recipe(slices: int, width: int, height: int, *, every: int, policy: str, segmentation: bool) -> str:
+    return RECIPE.format(
+        slices=slices,
+        width=width,
+        height=height,
+        width_m=width * PX,
+        height_m=height * PX,
+        every=every,
+        policy=policy,
+        segmentation=str(segmentation).lower(),
+        fx=width // 32,
+        fy=height // 32,
+        fw=max(32, min(256, width // 4)),
+        fh=max(32, min(128, height // 4)),
+    )
+
+
+class TimedInstrument:
+    """The real client, with the wall time spent inside each instrument call added up (bench_daemon's,
+    which main replaced by bench_serve and bench_idle)."""
+
+    def __init__(self, inner: HttpDualBeam) -> None:
+        self.inner = inner
+        self.inside_s = 0.0
+
+    def __getattr__(self, verb: str) -> Any:
+        method = getattr(self.inner, verb)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                self.inside_s += time.perf_counter() - t0
+
+        return call
+
+
+class TruthTap(TimedInstrument):
+    """The real client, timed (idle fraction), keeping the simulator's ground-truth labels of every image."""
+
+    def __init__(self, inner: HttpDualBeam, sim: SimulatorProcess) -> None:
+        super().__init__(inner)
+        self.sim = sim
+        self.labels: list[np.ndarray] = []
+
+    async def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = asyncio.get_running_loop().time()
+        try:
+            return await self.inner.acquire(*args, **kwargs)
+        finally:
+            self.inside_s += asyncio.get_running_loop().time() - t0
+            async with httpx.AsyncClient(
+                base_url=self.sim.url, headers={"Authorization": f"Bearer {self.sim.token}"}
+            ) as http:
+                reply = await http.get("/test/ground-truth")
+                reply.raise_for_status()
+                self.labels.append(decode_channels(reply.content)[0]["labels"])
+
+
+@dataclass
+class Figures:
+    name: str
+    instrument_s: float
+    deposits: int
+    filled: float
+    worst_window: float
+    drift_median_px: float
+    drift_max_px: float
+    thickness_error: float
+    miou: float | None
+    decisions: dict[str, int] = field(default_factory=dict)
+
+
+def _fill(truth: list[dict[str, float]]) -> tuple[float, float]:
+    pore = np.array([t["pore_px"] for t in truth])
+    unfilled = np.array([t["unfilled_pore_px"] for t in truth])
+    overall = float(pore.sum() / max(pore.sum() + unfilled.sum(), 1))
+    windows = [
+        float(pore[i : i + 10].sum() / max(pore[i : i + 10].sum() + unfilled[i : i + 10].sum(), 1))
+        for i in range(0, max(len(truth) - 9, 1))
+    ]
+    return overall, min(windows)
+
+
+def _drift(truth: list[dict[str, float]]) -> list[float]:
+    ref = truth[0]
+    return [
+        math.hypot(
+            (t["fov_error_x_m"] - ref["fov_error_x_m"]) / PX,
+            (t["fov_error_y_m"] - ref["fov_error_y_m"]) / (PX / SIN_SEM_FIB),
+        )
+        for t in truth
+    ]
+
+
+def _miou(run_dir: Path, truth_labels: list[np.ndarray]) -> float | None:
+    counts: dict[str, list[int]] = {c: [0, 0] for c in MEAN_IOU_CLASSES}
+    found = False
+    for index, truth in enumerate(truth_labels):
+        path = run_dir / "slices" / f"{index:04d}_labels.tif"
+        if not path.exists():
+            continue
+        found = True
+        pred = tifffile.imread(path)
+        pred = np.where(truth == OUTSIDE, OUTSIDE, pred)  # not specimen (the fiducial's mark): not scored
+        for name, (inter, union) in iou_counts(pred, truth, MEAN_IOU_CLASSES).items():
+            counts[name][0] += inter
+            counts[name][1] += union
+    if not found:
+        return None
+    ious = [i / u for i, u in counts.values() if u]
+    return sum(ious) / len(ious)
+
+
+async def one_run(
+    name: str, recipe_text: str, sim_args: list[str], tmp: Path, time_scale: float = 0.0
+) -> tuple[Figures, float]:
+    """One run on a fresh simulator; the figures and the instrument idle fraction (wall clock)."""
+    log = tmp / f"{name}.sim.log"
+    args = [*sim_args, "--time-scale", repr(time_scale), "--test-endpoints"]
+    async with start_simulator(args, log_path=log, ready_timeout_s=900) as sim:
+        settings = DaemonSettings(data_root=tmp / name)
+        settings.data_root.mkdir()
+        journal = Journal(settings.journal_file, "bench")
+        client = HttpDualBeam(sim.url, token=sim.token, deadline_scale=max(time_scale, 0.05))
+        tap = TruthTap(client, sim)
+        controller = Controller(instrument=tap, journal=journal, settings=settings)
+        await controller.boot()
+        t0 = asyncio.get_running_loop().time()
+        await controller.command("start", {"recipe": recipe_text})
+        await controller.wait_run()
+        wall = asyncio.get_running_loop().time() - t0
+        state, reason = controller.state, controller.reason
+        await controller.close()
+        run_id = journal.runs()[-1].run_id
+        steps = journal.steps(run_id)
+        decisions: dict[str, int] = {}
+        for rec in steps:
+            for d in (rec.result or {}).get("decisions", []) if rec.step == "adapt" and rec.ok else []:
+                key = f"{d['policy']}/{d['action']}"
+                decisions[key] = decisions.get(key, 0) + 1
+        deposits = sum(1 for r in steps if r.step == "deposit_pt" and r.ok)
+        journal.close()
+        async with httpx.AsyncClient(
+            base_url=sim.url, headers={"Authorization": f"Bearer {sim.token}"}
+        ) as http:
+            truth: list[dict[str, float]] = (await http.get("/test/truth")).json()
+        instrument_s = float((await client.state()).instrument_time_s)
+        await client.aclose()
+    if state != "done":
+        raise SystemExit(f"{name}: the run ended {state} ({reason}); see {log}")
+    filled, worst = _fill(truth)
+    drift = _drift(truth)
+    faces = [t["face_position_m"] for t in truth]
+    errors = [abs((b - a) - TARGET_M) / TARGET_M for a, b in itertools.pairwise(faces)]
+    figures = Figures(
+        name=name,
+        instrument_s=instrument_s,
+        deposits=deposits,
+        filled=filled,
+        worst_window=worst,
+        drift_median_px=statistics.median(drift[1:]),
+        drift_max_px=max(drift[1:]),
+        thickness_error=statistics.mean(errors),
+        miou=_miou(settings.data_root / run_id, tap.labels),
+        decisions=decisions,
+    )
+    return figures, (wall - tap.inside_s) / wall if wall > 0 else 0.0
+
+
+def _row(label: str, values: list[str]) -> str:
+    return f"  {label:<34}" + "".join(f"{v:>16}" for v in values)
+
+
+def report(
+    published: Figures, sweep: list[Figures], adaptive: Figures, idle: float, time_scale: float
+) -> None:
+    ok = [f for f in [*sweep, published] if f.filled >= 0.95]
+    best = min(ok, key=lambda f: f.instrument_s) if ok else published
+    runs = [published, best, adaptive]
+    print("\nPt schedule sweep (fixed policy, segmentation off)")
+    for f in [published, *sweep]:
+        print(
+            f"  {f.name:<14} instrument {f.instrument_s / 3600:6.2f} h   Pt-filled {f.filled:.3f}   "
+            f"worst 10-slice window {f.worst_window:.3f}"
+        )
+    print(f"\nside by side ({published.name}, best fixed = {best.name}, adaptive)")
+    print(_row("", [r.name for r in runs]))
+    print(_row("instrument time (h)", [f"{r.instrument_s / 3600:.2f}" for r in runs]))
+    print(_row("Pt deposits", [str(r.deposits) for r in runs]))
+    print(_row("pore pixels Pt-filled", [f"{r.filled:.3f}" for r in runs]))
+    print(_row("worst 10-slice window", [f"{r.worst_window:.3f}" for r in runs]))
+    print(_row("drift residual median (px)", [f"{r.drift_median_px:.2f}" for r in runs]))
+    print(_row("drift residual max (px)", [f"{r.drift_max_px:.2f}" for r in runs]))
+    print(_row("slice thickness mean |error|", [f"{r.thickness_error:.1%}" for r in runs]))
+    print(_row("segmentation mIoU", ["-" if r.miou is None else f"{r.miou:.3f}" for r in runs]))
+    saving = 1 - adaptive.instrument_s / published.instrument_s
+    over_best = adaptive.instrument_s / best.instrument_s - 1
+    print("\ntargets (adaptive)")
+    checks = [
+        (f"instrument time {saving:.1%} below the published schedule (>= 30 %)", saving >= 0.30),
+        (f"instrument time {over_best:+.1%} against the best fixed interval (<= +5 %)", over_best <= 0.05),
+        (f"pore pixels Pt-filled {adaptive.filled:.3f} (>= 0.95)", adaptive.filled >= 0.95),
+        (f"worst 10-slice window {adaptive.worst_window:.3f} (>= 0.95)", adaptive.worst_window >= 0.95),
+        (f"drift residual median {adaptive.drift_median_px:.2f} px (<= 1)", adaptive.drift_median_px <= 1),
+        (f"drift residual max {adaptive.drift_max_px:.2f} px (<= 3)", adaptive.drift_max_px <= 3),
+        (
+            f"thickness mean |error| {adaptive.thickness_error:.1%} (<= 10 %)",
+            adaptive.thickness_error <= 0.10,
+        ),
+        (
+            f"mIoU {adaptive.miou} vs the published schedule's {published.miou} (not below)",
+            adaptive.miou is not None
+            and published.miou is not None
+            and adaptive.miou >= published.miou - 1e-3,
+        ),
+        (f"instrument idle fraction {idle:.1%} at time scale {time_scale:.4f} (<= 5 %)", idle <= 0.05),
+    ]
+    for text, passed in checks:
+        print(f"  {'PASS' if passed else 'FAIL'}  {text}")
+    print("\nadaptive decisions: " + ", ".join(f"{k} {n}" for k, n in sorted(adaptive.decisions.items())))
+
+
+async def main_async(a: argparse.Namespace) -> None:
+    sim_args = [
+        "--slices", str(a.slices), "--width-px", str(a.width_px), "--height-px", str(a.height_px),
+        "--pixel-size-m", repr(PX), "--seed", str(a.seed), "--preset", a.preset,
+    ]  # fmt: skip
+    if a.cache_dir is not None:
+        sim_args += ["--cache-dir", str(a.cache_dir)]
+    w, h, n = a.width_px, a.height_px, a.slices
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        print(f"{n} slices of {w}x{h} px, seed {a.seed}, preset {a.preset}, time scale 0", flush=True)
+        published, _ = await one_run(
+            "published", recipe(n, w, h, every=1, policy="fixed", segmentation=True), sim_args, tmp
+        )
+        print(f"  published done: {published.instrument_s / 3600:.2f} h", flush=True)
+        sweep = []
+        for k in SWEEP:
+            f, _ = await one_run(
+                f"every {k}", recipe(n, w, h, every=k, policy="fixed", segmentation=False), sim_args, tmp
+            )
+            sweep.append(f)
+            print(f"  every {k} done: {f.instrument_s / 3600:.2f} h, filled {f.filled:.3f}", flush=True)
+        adaptive, _ = await one_run(
+            "adaptive", recipe(n, w, h, every=1, policy="adaptive", segmentation=True), sim_args, tmp
+        )
+        print(f"  adaptive done: {adaptive.instrument_s / 3600:.2f} h", flush=True)
+        idle_slices = min(n, a.idle_slices)
+        text = recipe(idle_slices, w, h, every=1, policy="adaptive", segmentation=True)
+        time_scale = a.instrument_s / estimate_run(parse_recipe(text)).seconds_per_slice
+        _, idle = await one_run("idle", text, sim_args, tmp, time_scale=time_scale)
+    report(published, sweep, adaptive, idle, time_scale)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slices", type=int, default=200)
+    p.add_argument("--width-px", type=int, default=512)
+    p.add_argument("--height-px", type=int, default=384)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="94:3:3")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--idle-slices", type=int, default=20, help="slices of the idle-fraction run")
+    p.add_argument("--instrument-s", type=float, default=20.0, help="instrument work per slice (idle run)")
+    a = p.parse_args()
+    configure_logging("warning", json_output=False)
+    asyncio.run(main_async(a))
+
+
+if __name__ == "__main__":
+    main()
