@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch  # type: ignore[import-not-found, unused-ignore]
 from torch import nn  # type: ignore[import-not-found, unused-ignore]
 
 from kintsugi_daemon.inference.contract import METADATA_PREFIX, ModelSpec, load_model
+from kintsugi_daemon.inference.quantize import quantize_int8
 from kintsugi_daemon.inference.tiling import standardise
 from kintsugi_daemon.inference.training.data import FloatArray, SliceData
 from kintsugi_daemon.inference.training.evaluation import validate
@@ -121,50 +121,15 @@ def quantise(
 ) -> bool:
     """Static int8 (QDQ, per-channel) quantisation calibrated on training crops; the int8 model replaces
     the float one only if the validation mean IoU drops by less than 0.01."""
-    from onnxruntime.quantization import (  # type: ignore[import-untyped, unused-ignore]
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     fp32 = load_model(out, threads=1)
     norm = fp32.spec.normalisation
     calib_sampler = copy.copy(sampler)
     calib_sampler.rng = np.random.default_rng(seed + 1)
-
-    class _Reader(CalibrationDataReader):  # type: ignore[misc, unused-ignore]
-        def __init__(self) -> None:
-            batches = [calib_sampler.batch(4)[0] for _ in range(8)]
-            self._it: Iterator[dict[str, FloatArray]] = iter(
-                [{"image": np.stack([standardise(im.copy(), norm) for im in b])} for b in batches]
-            )
-
-        def get_next(self) -> dict[str, FloatArray] | None:
-            return next(self._it, None)
-
+    batches = [calib_sampler.batch(4)[0] for _ in range(8)]
+    crops = [np.stack([standardise(im.copy(), norm) for im in b]) for b in batches]
     q_path = out.with_name(out.stem + ".int8.onnx")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_static logs a pre-processing hint on the root logger
-    try:
-        quantize_static(
-            str(out),
-            str(q_path),
-            _Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
-    finally:
-        root.setLevel(level)
-    src = onnx.load(str(out))
-    proto = onnx.load(str(q_path))
-    props = {p.key: p.value for p in src.metadata_props}
-    props[METADATA_PREFIX + "quantisation"] = '"int8 static QDQ, per-channel weights"'
-    _set_metadata(proto, props)
-    onnx.save(proto, str(q_path))
+    # The same quantisation as `kintsugi quantize` (one piece of code): QDQ, per-channel, MinMax.
+    quantize_int8(out, q_path, crops, extra_note=" on training crops")
     if not any(c < s.image.shape[2] for s, c in zip(slices, split_cols, strict=True)):
         split_cols = [0] * len(slices)  # no held-out strip: compare on the training images themselves
     _, m32 = validate(fp32, slices, split_cols)
