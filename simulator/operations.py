@@ -326,6 +326,9 @@ class InstrumentCore:
         Cancelled (a server deadline), it raises `_Cancelled` carrying the fraction done, so the verb
         books it on the same path as a stop. At time scale 0 the time passes instantly: nothing can stop it.
         """
+        if not math.isfinite(simulated_s) or simulated_s < 0:
+            # Never booked: one infinite operation would leave instrument_time_s (and every state) invalid.
+            raise InstrumentFault(f"operation would take {simulated_s} s of instrument time")
         real = simulated_s * self.settings.time_scale
         if real <= 0:
             self._instrument_s += simulated_s

@@ -341,9 +341,10 @@ class FiducialRequest(StrictModel):
 
     offset_x_m: float = Field(ge=-1e-4, le=1e-4)
     offset_y_m: float = Field(ge=-1e-4, le=1e-4)
-    size_m: float = Field(gt=0, le=20e-6)
-    depth_m: float = Field(default=0.5e-6, gt=0, le=5e-6)
-    current_a: float = Field(gt=0, le=2.5e-6)
+    # The physical floors of every other verb: a 5e-324 A mark would take forever (instrument time inf).
+    size_m: float = Field(ge=MIN_PATTERN_M, le=20e-6)
+    depth_m: float = Field(default=0.5e-6, ge=MIN_LAYER_M, le=5e-6)
+    current_a: IonCurrent
     species: IonSpecies
 
 
