@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 BRIDGE_STAMP := $(VENV)/.bridge-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
+# Puts the tables the benchmarks just saved under build/bench/ into their README blocks.
+README_TABLES := $(BIN)/python -m benchmarks.readme_tables
 
 .PHONY: demo test lint bench bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills bench-adapt dataset clean
 
@@ -31,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## benchmarks: print their figures (see README)
+## benchmarks: print their figures and regenerate the README's tables from them (see README)
 bench: bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segmentation bench-drills bench-adapt
 
 bench-adapt: $(STAMP)
@@ -39,12 +41,15 @@ bench-adapt: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_serve
+	$(README_TABLES)
 
 bench-idle: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_idle
+	$(README_TABLES)
 
 bench-mqtt: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_mqtt
+	$(README_TABLES)
 
 bench-segmentation: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_segmentation --quick
@@ -52,12 +57,15 @@ bench-segmentation: $(STAMP)
 ## the drills at full counts (20 random SIGKILLs, 10,000 fuzzed commands, disk full on a tmpfs: needs root)
 bench-drills: $(STAMP)
 	$(BIN)/python -m benchmarks.drills $(ARGS)
+	$(README_TABLES)
 
 bench-render: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_render
+	$(README_TABLES)
 
 bench-specimen: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_specimen
+	$(README_TABLES)
 
 dataset: $(STAMP)
 	$(BIN)/kintsugi-sim dataset --out dataset $(ARGS)

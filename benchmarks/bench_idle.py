@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.readme_tables import Table, publish
 from kintsugi_daemon.config import DaemonSettings, parse_recipe
 from kintsugi_daemon.demo.simulator_process import start_simulator
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
@@ -175,33 +175,47 @@ async def run_one(name: str, slices: int) -> dict[str, float]:
     return parts
 
 
+HEADINGS = {
+    "pt": "Pt every slice, ~{s:g} s instrument work / slice",
+    "fast": "fast mills, no Pt, ~{s:g} s / slice",
+}
+
+
 def report(results: dict[str, dict[str, float]]) -> None:
     names = list(results)
-    cfg = "  ".join(f"{n}: ~{RECIPES[n]['instrument_s']:g} s/slice" for n in names)
-    print(f"\ninstrument idle on the instrument's clock, {WIDTH}x{HEIGHT} CBS+TLD, segmentation on ({cfg})")
-    print(f"  machine: {os.cpu_count()} CPUs; simulator, daemon and inference share them")
-    header = f"  {'':34}" + "".join(f"{n:>16}" for n in names)
-    print(header + "\n  " + "-" * (len(header) - 2))
-
-    def row(label: str, values: list[str]) -> None:
-        print(f"  {label:34}" + "".join(f"{v:>16}" for v in values))
-
-    row("slices, window (s)", [f"{r['slices']:.0f}, {r['window']:.1f}" for r in results.values()])
-    row("instrument busy (s)", [f"{r['busy']:.1f}" for r in results.values()])
+    rs = list(results.values())
+    calls = sorted({k for r in rs for k in r if k.startswith("call:")})
+    for kind in calls:  # detail for the console: which round trips the remaining calls were
+        per_slice = ", ".join(f"{n} {r.get(kind, 0) / r['slices']:.3f}" for n, r in results.items())
+        print(f"{kind} (s/slice, including the operation): {per_slice}")
+    table = Table(["", *(HEADINGS[n].format(s=RECIPES[n]["instrument_s"]) for n in names)])
     # The simulator's overruns are neither the instrument's nor the daemon's: out of the window.
-    idle = {n: 1 - r["busy"] / (r["window"] - r["overrun"]) for n, r in results.items()}
-    row("IDLE (target <= 5 %, stretch 1 %)", [f"{idle[n]:.2%}" for n in names])
-    print("  where the idle time went (% of the window):")
-    for key, label, _ in (*CAUSES, ("daemon", "daemon itself (loop, logging, FSM)", None)):
-        row(f"    {label}", [f"{r[key] / r['window']:.2%}" for r in results.values()])
-    row("    simulator overrun (not idle)", [f"{r['overrun'] / r['window']:.2%}" for r in results.values()])
-    calls = sorted({k for r in results.values() for k in r if k.startswith("call:")})
-    for kind in calls:
-        row(
-            f"  {kind} (s/slice, incl. the operation)",
-            [f"{r.get(kind, 0) / r['slices']:.3f}" for r in results.values()],
-        )
-    row("state reads per slice", [f"{r['state_reads'] / r['slices']:.1f}" for r in results.values()])
+    idle = [1 - r["busy"] / (r["window"] - r["overrun"]) for r in rs]
+    table.add(
+        "slices; window on the instrument's clock", *(f"{r['slices']:.0f}; {r['window']:.1f} s" for r in rs)
+    )
+    table.add(
+        "**instrument idle** (target ≤ 5 %, stretch ≤ 1 %)",
+        *(f"**{v:.2%}**" + ("" if v <= 0.05 else " (missed)") for v in idle),
+    )
+    for key, label, _ in (
+        *CAUSES,
+        ("daemon", "the daemon itself (event loop, logging, state machine)", None),
+    ):
+        if key == "state":
+            reads = " / ".join(f"{r['state_reads'] / r['slices']:.1f}" for r in rs)
+            label = f"{label} ({reads} per slice)"
+        table.add(label, *(f"{r[key] / r['window']:.2%}" for r in rs))
+    table.add(
+        "simulator computation past its window (not idle, shown apart)",
+        *(f"{r['overrun'] / r['window']:.2%}" for r in rs),
+    )
+    publish(
+        "idle",
+        f"{WIDTH} × {HEIGHT}, CBS + TLD, the shipped model segmenting every slice, adaptation on; "
+        "simulator, daemon and inference share the machine's cores:",
+        table,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

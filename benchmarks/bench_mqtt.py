@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiomqtt
 
+from benchmarks.readme_tables import Table, publish
 from kintsugi_daemon.config import MqttSettings
 from kintsugi_daemon.demo.broker import Access, LocalBroker, mosquitto_binaries
 from kintsugi_daemon.service.journal import EventDraft, Journal
@@ -121,7 +122,7 @@ def append(journal: Journal, link: MqttLink, i: int) -> None:
     link.notify()
 
 
-async def latency(n: int, interval_s: float) -> None:
+async def latency(n: int, interval_s: float) -> tuple[str, str, str]:
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         async with setup(Path(tmp)) as (_, journal, link, subscriber):
             appended: dict[int, float] = {}
@@ -137,12 +138,15 @@ async def latency(n: int, interval_s: float) -> None:
     p50, p99 = statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * len(ms)) - 1)]
     verdict = "OK" if complete and p99 <= LATENCY_P99_TARGET_MS else "MISSED"
     every = f"one every {interval_s * 1e3:g} ms"
-    print(f"event latency, journal append -> subscriber ({len(got)}/{n} events, {every})")
-    print(f"  p50 {p50:.2f} ms   p99 {p99:.2f} ms   max {ms[-1]:.2f} ms")
-    print(f"  target p99 <= {LATENCY_P99_TARGET_MS:g} ms: {verdict}")
+    return (
+        f"the link alone: event latency, journal append (fsynced) → a subscriber, {len(got)} of {n} events "
+        f"at {every}, median / p99 / max",
+        f"p99 ≤ {LATENCY_P99_TARGET_MS:g} ms",
+        f"{p50:.1f} / {p99:.1f} / {ms[-1]:.1f} ms" + ("" if verdict == "OK" else " (**missed**)"),
+    )
 
 
-async def outage(outage_s: float, rate_hz: float, lead_s: float) -> None:
+async def outage(outage_s: float, rate_hz: float, lead_s: float) -> tuple[str, str, str]:
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         async with setup(Path(tmp)) as (broker, journal, link, subscriber):
             first = journal.last_seq() + 1
@@ -201,21 +205,18 @@ async def outage(outage_s: float, rate_hz: float, lead_s: float) -> None:
     contiguous = sorted(unique) == list(range(first, last + 1))
     in_order = all(a < b for a, b in itertools.pairwise(unique))
     ok = complete and lost == 0 and contiguous and in_order and unsent == 0
-    print(f"broker outage of {outage_s:g} s, events journaled at {rate_hz:g} Hz throughout")
-    print(f"  journaled {count} events ({during} while the broker was down; backlog {backlog} unsent)")
     print(
-        f"  received {len(seqs)} deliveries: lost {lost}, duplicated {duplicated} "
-        f"({redelivered} broker redeliveries, {duplicated - redelivered} republished by the daemon)"
+        f"outage: {duplicated} repeats ({redelivered} broker redeliveries, {duplicated - redelivered} "
+        f"republished by the daemon); link back {reconnect_s:.2f} s after the broker, backlog delivered "
+        f"{replayed_s:.2f} s after that; unsent after replay {unsent}"
     )
-    print(
-        f"  after dropping repeated seq: seq contiguous {contiguous}, in order {in_order}; "
-        f"unsent after replay {unsent}"
-    )
-    print(f"  link reconnected {reconnect_s:.2f} s after the broker restart (backoff 0.5 .. 30 s, jitter)")
-    print(f"  backlog of {backlog} delivered {replayed_s:.2f} s after the reconnect")
-    print(
-        f"  target 0 lost, contiguous: {'OK' if ok else 'MISSED'}; 0 duplicated: "
-        f"{'OK' if duplicated == 0 else 'MISSED (QoS 1 is at-least-once: subscribers drop seen seq)'}"
+    return (
+        f"broker stopped {outage_s:g} s mid-stream ({count} events journaled at {rate_hz:g} Hz, {during} "
+        f"while it was down, {backlog} unsent when it came back): lost / repeated deliveries / seq "
+        "contiguous and in order after dropping repeats",
+        "0 / 0 / yes",
+        f"{lost} / {duplicated} / {'yes' if contiguous and in_order else 'no'}"
+        + ("" if ok and duplicated == 0 else " (**missed**)"),
     )
 
 
@@ -229,9 +230,11 @@ def main() -> None:
     args = parser.parse_args()
     if mosquitto_binaries() is None:
         raise SystemExit("mosquitto and mosquitto_passwd are needed (apt install mosquitto)")
-    asyncio.run(latency(args.events, args.interval_ms / 1e3))
+    table = Table(["figure", "target", "latest"])
+    table.add(*asyncio.run(latency(args.events, args.interval_ms / 1e3)))
     if args.outage_s > 0:
-        asyncio.run(outage(args.outage_s, args.rate_hz, args.lead_s))
+        table.add(*asyncio.run(outage(args.outage_s, args.rate_hz, args.lead_s)))
+    publish("mqtt", table)
 
 
 if __name__ == "__main__":

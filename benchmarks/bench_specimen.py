@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks.readme_tables import Table, publish  # noqa: E402
 from simulator.infiltration import infiltrate  # noqa: E402
 from simulator.materials import Material  # noqa: E402
 from simulator.specimen import PRESETS, SpecimenParams, build_specimen  # noqa: E402
@@ -61,22 +62,29 @@ def main(argv: list[str] | None = None) -> None:
         void = (slab == Material.PORE) | (slab == Material.CRACK)
         filled = float(np.count_nonzero(pt)) / max(1, int(np.count_nonzero(void)))
         fr = spec.fractions()
+        rss = _peak_rss_mb()
         del pt, slab, void, mats, spec
 
     tgt = PRESETS[args.preset]
-    shape = "x".join(map(str, params.shape))
-    print(f"specimen {shape} @ {params.voxel_size_m * 1e9:.0f} nm, preset {args.preset}, seed {args.seed}")
-    print(f"{'first build':<28}{t_build:9.2f} s   (peak RSS {rss_build:.0f} MB)")
-    print(f"{'cache load (+CRC check)':<28}{t_load:9.2f} s")
-    print(
-        f"{f'infiltrate {depth} slices r={args.throat:g}':<28}{t_inf:9.2f} s   ({filled:.1%} of void filled)"
+    shape = " × ".join(map(str, reversed(params.shape)))
+    table = Table(["figure", "target", "latest"])
+    table.add(f"specimen {shape} voxels, first build", "≤ 120 s", f"{t_build:.1f} s")
+    table.add("specimen from the cache (with CRC check)", "≤ 5 s", f"{t_load:.2f} s")
+    table.add(
+        "simulator peak memory: build / with the infiltration", "-", f"{rss_build:.0f} MB / {rss:.0f} MB"
     )
-    print(f"{'peak RSS overall':<28}{_peak_rss_mb():9.0f} MB")
-    print(f"{'fraction':<12}{'measured':>10}{'target':>10}{'error':>10}")
-    for key, want in (("nmc", tgt.nmc), ("cbd", tgt.cbd), ("porosity", tgt.porosity)):
-        print(f"{key:<12}{fr[key]:10.4f}{want:10.4f}{fr[key] - want:+10.4f}")
-    for key in ("pore", "crack", "collector"):
-        print(f"{key:<12}{fr[key]:10.4f}{'':>10}{'':>10}")
+    table.add(
+        f"Pt infiltration of a {depth}-slice slab (throat {args.throat:g} voxels)",
+        "-",
+        f"{t_inf:.2f} s ({filled:.1%} of the void filled)",
+    )
+    targets = (("NMC", "nmc", tgt.nmc), ("CBD", "cbd", tgt.cbd), ("porosity", "porosity", tgt.porosity))
+    fractions = ", ".join(f"{name} {fr[key]:.4f} ({want:.2f})" for name, key, want in targets)
+    publish(
+        "specimen",
+        table,
+        f"Volume fractions of the {args.preset} specimen (seed {args.seed}) against the preset: {fractions}.",
+    )
 
 
 if __name__ == "__main__":

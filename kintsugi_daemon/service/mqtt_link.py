@@ -250,11 +250,11 @@ class MqttLink:
             self._client = client
             try:
                 self.connections += 1
-                await self._announce(client)
-                self._failures = 0
-                self._connected.set()
-                log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
                 try:
+                    await self._announce(client)
+                    self._failures = 0
+                    self._connected.set()
+                    log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
                     async with asyncio.TaskGroup() as tg:
                         commands = tg.create_task(self._serve_commands(client), name="mqtt-commands")
                         await self._publish_outbox(client)  # returns only once closing and drained
@@ -262,7 +262,8 @@ class MqttLink:
                 except BaseExceptionGroup as group:
                     raise _unwrap(group) from None
                 except asyncio.CancelledError:
-                    # Cancelled from outside (service shutdown without close()): still say offline.
+                    # Cancelled from outside (service shutdown without close()), at any point after the
+                    # connect, the announcement included: a watcher that saw `online` must see `offline`.
                     self._connected.clear()
                     await self._say_offline(client, "cancelled")
                     raise
