@@ -159,6 +159,11 @@ class SegmentationModel:
     fixed_shape: bool  # the graph accepts only tile_hw
     max_batch: int | None  # None: any batch size
 
+    @property
+    def threads(self) -> int:
+        """The session's intra-op threads: the budget the tiler's post-processing shares too."""
+        return max(1, int(self.session.get_session_options().intra_op_num_threads))
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits [N, K, H, W] for a normalised float32 batch [N, C, H, W]."""
         x = np.ascontiguousarray(batch.transpose(0, 2, 3, 1) if self.spec.layout == "NHWC" else batch)

@@ -325,6 +325,24 @@ def test_tiled_inference_is_seamless(unet: Path) -> None:
     assert np.abs(no_halo.probabilities[inner] - ref[inner]).max() > 1e-2
 
 
+def test_post_processing_in_threaded_bands_equals_one_pass(unet: Path) -> None:
+    """The summaries of one big tile are computed in row bands on the session's threads: the bands must
+    add up to exactly what one pass gives, and to the softmax of a whole-image call."""
+    images = random_images((203, 250))
+    one = segment(load_model(unet, threads=1), images, keep_probabilities=True)
+    banded_model = load_model(unet, threads=3)
+    assert banded_model.threads == 3 and plan_tiles(banded_model, 203, 250).tiles == 1
+    banded = segment(banded_model, images, keep_probabilities=True)
+    assert banded.probabilities is not None and one.probabilities is not None
+    assert np.array_equal(banded.labels, one.labels)
+    np.testing.assert_allclose(banded.max_probability, one.max_probability, rtol=1e-6)
+    np.testing.assert_allclose(banded.entropy, one.entropy, atol=1e-6)
+    halo = banded_model.spec.effective_halo
+    inner = (slice(None), slice(halo, -halo), slice(halo, -halo))  # the reference pads its borders otherwise
+    ref = whole_image_probabilities(unet, images)
+    np.testing.assert_allclose(banded.probabilities[inner], ref[inner], atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "shape", [(1, 1), (2, 9), (5, 3), (37, 61), (96, 96), (97, 49), (300, 7), (143, 144)]
 )
