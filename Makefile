@@ -52,7 +52,8 @@ bench-mqtt: $(STAMP)
 	$(README_TABLES)
 
 bench-segmentation: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_segmentation --quick
+	$(BIN)/python -m benchmarks.bench_segmentation --quick $(ARGS)
+	$(README_TABLES)
 
 ## the drills at full counts (20 random SIGKILLs, 10,000 fuzzed commands, disk full on a tmpfs: needs root)
 bench-drills: $(STAMP)

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import tifffile
 
+from benchmarks.readme_tables import Table, publish
 from kintsugi_daemon.inference.contract import (
     CANONICAL_CLASSES,
     OUTSIDE_LABEL,
@@ -209,8 +210,14 @@ def fmt(v: float | None, spec: str = ".3f") -> str:
 
 
 def print_table(
-    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = ()
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    notes: Sequence[str] = (),
+    *,
+    key: str | None = None,
 ) -> None:
+    """Print a table for the console; with `key`, also its README block (title, table, notes)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(f"\n{title}")
     line = "  ".join(
@@ -226,3 +233,8 @@ def print_table(
         )
     for n in notes:
         print(f"  {n}")
+    if key is not None:
+        table = Table(header)
+        for r in rows:
+            table.add(*r)
+        publish(key, title[:1].upper() + title[1:] + ":", table, *(f"{n[:1].upper()}{n[1:]}." for n in notes))
