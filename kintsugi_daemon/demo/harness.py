@@ -36,13 +36,15 @@ from kintsugi_daemon.cli.remote import DaemonView, Operator
 from kintsugi_daemon.config import ConfigError, MqttSettings, load_settings, parse_recipe
 from kintsugi_daemon.demo.bridge_process import start_bridge
 from kintsugi_daemon.demo.broker import LocalBroker, child_preexec
+from kintsugi_daemon.demo.demo_files import demo_recipe, settings_toml
+from kintsugi_daemon.demo.live_view import RunWatch
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess, start_simulator
 from kintsugi_daemon.demo.summary import print_summary, summarise
 from kintsugi_daemon.drivers.base import InstrumentError
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
 from kintsugi_daemon.inference.contract import SHIPPED_MODEL
 
-__all__ = ["DemoOptions", "parse_broker_url", "run_demo"]
+__all__ = ["DemoOptions", "demo_recipe", "parse_broker_url", "run_demo"]
 
 EMBEDDED_ENV = "KINTSUGI_DEMO_EMBEDDED_BROKER"  # "1": use the embedded broker even if Mosquitto exists
 BROKER_PASSWORD_ENV = "KINTSUGI_DEMO_BROKER_PASSWORD"  # the --broker user's password
@@ -125,106 +127,6 @@ def _say(message: str) -> None:
     print(f"kintsugi demo: {message}", file=sys.stderr, flush=True)
 
 
-# --- files the demo writes --------------------------------------------------------------------------
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def _toml(sections: dict[str, dict[str, object]], header: str) -> str:
-    lines = [f"# {header}"]
-    for name, values in sections.items():
-        if name:
-            lines.append(f"\n[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-# OpenFIBSEM's Demo microscope has ETD and TLD (no CBS); its images are noise.
-BRIDGE_DETECTORS = ["tld", "etd"]
-
-
-def demo_recipe(opts: DemoOptions, segmentation: bool) -> str:
-    width_m = opts.width_px * opts.pixel_size_m
-    height_m = opts.height_px * opts.pixel_size_m
-    return _toml(
-        {
-            "run": {
-                "name": "kintsugi-demo",
-                "geometry": "cross_section",
-                "slices": opts.slices,
-                "slice_thickness_m": opts.slice_thickness_m,
-            },
-            "roi": {"width_m": width_m, "height_m": height_m},  # the imaged field of view
-            "pt": {"every_slices": 1, "thickness_m": 100e-9, "beam": "electron"},
-            "mill": {"species": "xe", "current_a": 15e-9},
-            "polish": {"current_a": 1e-9, "passes": 1},
-            "imaging": {
-                "detectors": BRIDGE_DETECTORS if opts.bridge else ["cbs", "tld"],
-                "width_px": opts.width_px,
-                "height_px": opts.height_px,
-                "pixel_size_m": opts.pixel_size_m,
-                "dwell_s": 3e-6,
-                "voltage_v": 5000.0,
-                "current_a": 5e-9,
-            },
-            "segmentation": {"enabled": segmentation, "model": "builtin"},
-            # The bridge's Demo microscope images noise: no fiducial to follow; its demo keeps the schedule.
-            "adapt": {"policy": "fixed" if opts.bridge else opts.policy},
-            # The fiducial's window near the top left, sized to the field of view.
-            "adapt.drift": {
-                "fiducial_x_px": opts.width_px // 32,
-                "fiducial_y_px": opts.height_px // 32,
-                "fiducial_width_px": max(32, min(256, opts.width_px // 4)),
-                "fiducial_height_px": max(32, min(128, opts.height_px // 4)),
-            },
-            # The segmentation-driven policies need the model; without it the rest still adapt.
-            "adapt.pt": {"enabled": segmentation},
-            "adapt.stop": {"enabled": segmentation},
-            # A demo writes tens of MB; the production default (2 GB free) would suspend it on a small disk.
-            "guards": {"min_free_disk_bytes": 200_000_000},
-        },
-        "Written by `kintsugi demo`: a kintsugi cross-section run"
-        + (
-            ", adaptive (Pt, drift, focus, thickness, curtaining, imaging, stop rules)."
-            if opts.policy == "adaptive" and not opts.bridge
-            else ", Pt before every slice."
-        ),
-    )
-
-
-def _settings_toml(
-    instrument_id: str, runs: Path, mqtt: MqttSettings, sim_url: str, token: str, deadline_scale: float
-) -> str:
-    return _toml(
-        {
-            "": {
-                "instrument_id": instrument_id,
-                "data_root": str(runs),
-                "journal_path": str(runs / "journal.sqlite"),
-            },
-            "mqtt": {
-                "host": mqtt.host,
-                "port": mqtt.port,
-                "username": mqtt.username,
-                "password": mqtt.password,
-                "protocol": mqtt.protocol,
-            },
-            # Deadlines follow the simulator's time scale, so a stuck step still times out in a demo.
-            "instrument": {"url": sim_url, "token": token, "deadline_scale": deadline_scale},
-            "logging": {"level": "info", "json_output": True},
-        },
-        "Written by `kintsugi demo`: daemon settings for this demo only.",
-    )
-
-
 def _daemon_env(keep_mqtt_overrides: bool) -> dict[str, str]:
     """The daemon's environment: the settings file is the whole truth, except that with `--broker` the
     daemon may take its own MQTT role from KINTSUGI_MQTT__USERNAME/PASSWORD (a broker with per-role ACLs).
@@ -244,132 +146,6 @@ def _tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(f"    {line}" for line in text.splitlines()[-lines:]) or "    (empty log)"
-
-
-# --- the live view --------------------------------------------------------------------------------
-
-
-@dataclass
-class RunWatch:
-    """What the demo learns from MQTT while the run goes on."""
-
-    total: int
-    tty: bool
-    run_id: str | None = None
-    finished: dict[str, Any] | None = None
-    finished_event: asyncio.Event = field(default_factory=asyncio.Event)
-    saw_done: bool = False
-    faulted: str | None = None
-    lost: str | None = None
-    stop_on_fault: bool = True
-    started: float | None = None  # monotonic time the run was started
-    done: int = 0
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-    seen: set[int] = field(default_factory=set)
-    events: int = 0
-    alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    _drawn: str = ""
-
-    def on_update(self, view: DaemonView) -> bool:
-        self.subscribed.set()
-        status = view.status or {}
-        if self.run_id is None and view.progress and view.progress.get("run_id"):
-            self.run_id = str(view.progress["run_id"])
-        for alert_id, alert in view.alerts.items():
-            if alert_id not in self.alerts:
-                self.alerts[alert_id] = alert
-                self._line(f"ALERT [{alert.get('severity')}] {alert_id}: {alert.get('message')}")
-        for event in view.events:
-            seq = int(event.get("seq", -1))
-            if seq in self.seen:
-                continue
-            self.seen.add(seq)
-            self._event(event, view)
-        if self.stop_on_fault and self.run_id is not None and status.get("path") == "faulted":
-            self.faulted = str(status.get("reason") or "fault")
-            return True
-        if status.get("state") in ("lost", "offline"):
-            self.lost = str(status.get("state"))
-            return True
-        if self.tty:
-            self._draw(view)
-        # run_finished is followed by the `done` state event of the same transaction; wait for it so the
-        # count of events seen is whole (a refused run has no `done`; _watch_run bounds the wait anyway).
-        return self.finished is not None and (self.saw_done or self.finished.get("how") == "refused")
-
-    def _event(self, event: dict[str, Any], view: DaemonView) -> None:
-        kind = str(event.get("type", "")).removeprefix("kintsugi.")
-        data = event.get("data") or {}
-        if self.run_id is None and event.get("run_id"):
-            self.run_id = str(event["run_id"])  # the first event of the run (run_created)
-        if event.get("run_id") != self.run_id or self.run_id is None:
-            return
-        self.events += 1
-        if kind == "segmented":
-            self.last_metrics = {k: v for k, v in data.items() if isinstance(v, int | float)}
-        elif kind == "slice_completed":
-            self.done = int(data.get("slice", self.done)) + 1
-            if not self.tty:
-                width = len(str(self.total))
-                print(
-                    f"slice {self.done:>{width}}/{self.total}  ETA {self._eta()}{self._metrics_text()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        elif kind == "run_finished":
-            self.finished = data
-            self.finished_event.set()
-        elif kind == "done":
-            self.saw_done = True
-
-    def _eta(self) -> str:
-        """From this run's own wall-clock pace: the daemon's first estimate is at the instrument's pace,
-        which a time-scaled simulator does not keep."""
-        if self.started is None or self.done == 0:
-            return "?"
-        per_slice = (time.monotonic() - self.started) / self.done
-        return _duration(per_slice * (self.total - self.done))
-
-    def _metrics_text(self) -> str:
-        m = self.last_metrics
-        if "porosity" not in m:
-            return ""
-        text = f"  porosity {m['porosity']:.3f}"
-        if "unfilled_pore_share" in m:
-            text += f"  unfilled {m['unfilled_pore_share']:.3f}"
-        return text
-
-    def _draw(self, view: DaemonView, width: int = 28) -> None:
-        p = view.progress or {}
-        done = max(self.done, int(p.get("slice") or 0) if p.get("run_id") == self.run_id else 0)
-        filled = int(width * done / max(self.total, 1))
-        step = p.get("step") or (view.status or {}).get("path") or ""
-        line = (
-            f"[{'#' * filled}{'-' * (width - filled)}] slice {done}/{self.total}  {step:<12.12}"
-            f"  ETA {self._eta()}{self._metrics_text()}"
-        )
-        if line != self._drawn:
-            self._drawn = line
-            print("\r\x1b[K" + line, end="", file=sys.stderr, flush=True)
-
-    def _line(self, text: str) -> None:
-        """A line that must not be overwritten by the redrawn bar."""
-        prefix = "\r\x1b[K" if self.tty and self._drawn else ""
-        print(prefix + text, file=sys.stderr, flush=True)
-        self._drawn = ""
-
-    def end_bar(self) -> None:
-        if self.tty and self._drawn:
-            print(file=sys.stderr, flush=True)
-            self._drawn = ""
-
-
-def _duration(seconds: object) -> str:
-    if not isinstance(seconds, int | float):
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 # --- the demo -------------------------------------------------------------------------------------
@@ -487,7 +263,7 @@ async def run_demo(opts: DemoOptions) -> int:  # noqa: C901, PLR0915 - one linea
         settings_path = demo_dir / "settings.toml"
         settings_path.touch(mode=0o600)  # it holds the broker password and the instrument token
         settings_path.write_text(
-            _settings_toml(instrument_id, runs, daemon_mqtt, sim.url, sim.token, deadline_scale)
+            settings_toml(instrument_id, runs, daemon_mqtt, sim.url, sim.token, deadline_scale)
         )
         daemon_log = logs / "daemon.log"
         with daemon_log.open("ab") as log:
