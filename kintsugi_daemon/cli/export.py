@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from kintsugi_daemon.service.storage import ExportWarning, export_run
+from kintsugi_daemon.service.export import ExportWarning, export_run
 
 __all__ = ["register"]
 

@@ -15,14 +15,12 @@ import pytest
 import tifffile
 
 from kintsugi_daemon.service import storage
+from kintsugi_daemon.service.export import ExportError, ExportWarning, export_run
 from kintsugi_daemon.service.storage import (
     DiskFull,
-    ExportError,
-    ExportWarning,
     RunStorage,
     SliceExistsError,
     StorageError,
-    export_run,
 )
 
 H, W = 12, 16
