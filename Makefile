@@ -38,6 +38,7 @@ bench: bench-render bench-specimen bench-serve bench-idle bench-mqtt bench-segme
 
 bench-adapt: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_adapt $(ARGS)
+	$(README_TABLES)
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_serve

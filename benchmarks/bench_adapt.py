@@ -33,6 +33,7 @@ import httpx
 import numpy as np
 import tifffile
 
+from benchmarks.readme_tables import Table, publish
 from kintsugi_daemon.config import DaemonSettings, parse_recipe
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess, start_simulator
 from kintsugi_daemon.drivers.http_client import HttpDualBeam
@@ -299,7 +300,80 @@ def report(
     ]
     for text, passed in checks:
         print(f"  {'PASS' if passed else 'FAIL'}  {text}")
-    print("\nadaptive decisions: " + ", ".join(f"{k} {n}" for k, n in sorted(adaptive.decisions.items())))
+    decisions = ", ".join(f"{k} {n}" for k, n in sorted(adaptive.decisions.items()))
+    print("\nadaptive decisions: " + decisions)
+    publish("adapt", *readme_block(published, sweep, best, adaptive, idle, [p for _, p in checks]), decisions)
+
+
+def readme_block(
+    published: Figures,
+    sweep: list[Figures],
+    best: Figures,
+    adaptive: Figures,
+    idle: float,
+    passed: list[bool],
+) -> tuple[Table, str]:
+    """The README's side-by-side table (targets judged for the adaptive run) and the sweep's figures."""
+
+    def verdict(*ok: bool) -> str:
+        return ": PASS" if all(ok) else ": **FAIL**"
+
+    t_pub, t_best, t_ad = (r.instrument_s / 3600 for r in (published, best, adaptive))
+    fixed = (published, best)
+    table = Table(
+        ["figure", "target (adaptive)", "published (Pt every slice)", f"best fixed ({best.name})", "adaptive"]
+    )
+    table.add(
+        "instrument time",
+        ">= 30 % below published, <= +5 % vs best fixed",
+        f"{t_pub:.2f} h",
+        f"{t_best:.2f} h",
+        f"{t_ad:.2f} h ({t_ad / t_pub - 1:+.1%}, {t_ad / t_best - 1:+.1%}){verdict(*passed[0:2])}",
+    )
+    table.add("Pt deposits", "", str(published.deposits), str(best.deposits), str(adaptive.deposits))
+    table.add(
+        "pore pixels Pt-filled, whole run",
+        ">= 0.95",
+        *(f"{r.filled:.3f}" for r in fixed),
+        f"{adaptive.filled:.3f}{verdict(passed[2])}",
+    )
+    table.add(
+        "worst 10-slice window",
+        ">= 0.95",
+        *(f"{r.worst_window:.3f}" for r in fixed),
+        f"{adaptive.worst_window:.3f}{verdict(passed[3])}",
+    )
+    table.add(
+        "drift residual vs truth, median / max",
+        "<= 1 px / <= 3 px",
+        *(f"{r.drift_median_px:.2f} / {r.drift_max_px:.2f} px" for r in fixed),
+        f"{adaptive.drift_median_px:.2f} / {adaptive.drift_max_px:.2f} px{verdict(*passed[4:6])}",
+    )
+    table.add(
+        f"slice thickness mean |error| vs {TARGET_M * 1e9:.0f} nm",
+        "<= 10 %",
+        *(f"{r.thickness_error:.1%}" for r in fixed),
+        f"{adaptive.thickness_error:.1%}{verdict(passed[6])}",
+    )
+    table.add(
+        "segmentation mIoU (pore, active, cbd, collector; the fiducial's pixels not scored)",
+        "not below published",
+        *("(off)" if r.miou is None else f"{r.miou:.3f}" for r in fixed),
+        ("-" if adaptive.miou is None else f"{adaptive.miou:.3f}") + verdict(passed[7]),
+    )
+    table.add(
+        "instrument idle fraction, segmentation + adaptation on",
+        "<= 5 %",
+        "",
+        "",
+        f"{idle:.1%}{verdict(passed[8])}",
+    )
+    runs = "; ".join(
+        f"{f.name}: {f.instrument_s / 3600:.2f} h, Pt-filled {f.filled:.3f}, worst window "
+        f"{f.worst_window:.3f}"
+        for f in [published, *sweep]
+    )
+    return table, f"The sweep (fixed policy, segmentation off): {runs}. The adaptive run's decisions:"
 
 
 async def main_async(a: argparse.Namespace) -> None:
