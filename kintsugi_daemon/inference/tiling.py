@@ -33,6 +33,7 @@ from kintsugi_daemon.inference.contract import (
     ModelSpec,
     Normalisation,
 )
+from kintsugi_daemon.inference.grey_match import grey_match
 
 __all__ = [
     "DEFAULT_ACTIVATION_BYTES_PER_PX",
@@ -65,6 +66,9 @@ class Segmentation:
     max_probability: np.ndarray  # float32 [H, W], softmax probability of the chosen class
     entropy: np.ndarray  # float32 [H, W], softmax entropy / log K, in [0, 1]
     probabilities: np.ndarray | None  # float32 [K, H, W] when asked for (large: K x the image)
+    # Overlap (0..1) of the slice's per-class grey levels with the training data's (`grey_match.py`);
+    # None when the model carries no grey statistics.
+    grey_match: float | None = None
 
 
 class TiledModel(Protocol):
@@ -285,12 +289,19 @@ def segment_array(
             if probs is not None:
                 probs[:, ys, xs] = e[i] / s[i]
     lut = np.array([CANONICAL_CLASSES[c] for c in spec.classes], np.uint8)
+    match = None
+    if spec.grey_statistics:
+        mean = np.array([n.mean for n in spec.normalisation], np.float32)[:, None, None]
+        std = np.array([n.std for n in spec.normalisation], np.float32)[:, None, None]
+        stats = {k: v.model_dump() for k, v in spec.grey_statistics.items()}
+        match = grey_match(x * std + mean, best[:h, :w], spec.classes, stats)  # raw greys, as in training
     return Segmentation(
         labels=lut[best[:h, :w]],
         classes=tuple(spec.classes),
         max_probability=np.ascontiguousarray(max_p[:h, :w]),
         entropy=np.clip(ent[:h, :w], 0, 1),
         probabilities=None if probs is None else np.ascontiguousarray(probs[:, :h, :w]),
+        grey_match=match,
     )
 
 
