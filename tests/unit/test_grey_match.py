@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import tifffile
 
@@ -19,7 +20,9 @@ from simulator.dataset import export_dataset
 CLASSES = ("pore", "active")
 
 
-def _two_phase(rng: np.random.Generator, shift: float = 0.0, noise: float = 0.03) -> tuple[np.ndarray, ...]:
+def _two_phase(
+    rng: np.random.Generator, shift: float = 0.0, noise: float = 0.03
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     labels = np.zeros((64, 64), np.uint8)
     labels[:, 32:] = 1
     means = np.where(labels == 0, 0.2, 0.6)[None] + np.array([0.0, 0.1])[:, None, None]

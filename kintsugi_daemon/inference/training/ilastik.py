@@ -47,12 +47,12 @@ def _dataset(path: Path, h5: Any) -> Any:
 def _axes(path: Path, ds: Any) -> tuple[list[str], list[dict[str, Any]]]:
     raw = ds.attrs.get("axistags")
     if raw is None:
-        keys = {2: "yx", 3: "zyx", 4: "zyxc"}.get(ds.ndim)
-        if keys is None or (ds.ndim == 4 and ds.shape[-1] != 1):
+        order = {2: "yx", 3: "zyx", 4: "zyxc"}.get(ds.ndim)
+        if order is None or (ds.ndim == 4 and ds.shape[-1] != 1):
             raise HDF5Error(f"{path}: shape {ds.shape} without 'axistags'; expected (Z,) Y, X (, 1)")
         if ds.ndim == 3 and ds.shape[-1] == 1:
-            keys = "yxc"
-        return list(keys), [{} for _ in keys]
+            order = "yxc"
+        return list(order), [{} for _ in order]
     try:
         axes = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))["axes"]
         keys = [str(a["key"]).lower() for a in axes]
