@@ -55,7 +55,7 @@ def test_small_and_unknown_classes_do_not_count() -> None:
     stats = class_grey_statistics([(image, labels)], CLASSES)
     few = np.full_like(labels, 255)  # 255 and other values >= len(classes): no class
     few[:4, :4] = 0  # 16 pore pixels: too few for a mean and a spread
-    assert 16 < MIN_CLASS_PX and grey_match(image, few, CLASSES, stats) is None
+    assert MIN_CLASS_PX > 16 and grey_match(image, few, CLASSES, stats) is None
     few[:16, :16] = 0
     assert grey_match(image, few, CLASSES, stats) is not None
     assert grey_match(image, labels, CLASSES, {}) is None  # a model without statistics for them
@@ -74,9 +74,9 @@ def test_the_contract_checks_the_statistics() -> None:
         "layout": "NCHW",
     }
     ModelSpec(**base, grey_statistics={"pore": {"mean": [0.1, 0.2], "std": [0.01, 0.02]}})
-    with pytest.raises(ValueError, match="grey_statistics.pore"):
+    with pytest.raises(ValueError, match=r"grey_statistics\.pore"):
         ModelSpec(**base, grey_statistics={"pore": {"mean": [0.1], "std": [0.01]}})
-    with pytest.raises(ValueError, match="grey_statistics.cbd"):
+    with pytest.raises(ValueError, match=r"grey_statistics\.cbd"):
         ModelSpec(**base, grey_statistics={"cbd": {"mean": [0.1, 0.2], "std": [0.01, 0.02]}})
 
 
