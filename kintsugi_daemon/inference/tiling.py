@@ -294,7 +294,10 @@ def segment_array(
         mean = np.array([n.mean for n in spec.normalisation], np.float32)[:, None, None]
         std = np.array([n.std for n in spec.normalisation], np.float32)[:, None, None]
         stats = {k: v.model_dump() for k, v in spec.grey_statistics.items()}
-        match = grey_match(x * std + mean, best[:h, :w], spec.classes, stats)  # raw greys, as in training
+        # Every second pixel each way: a class's mean and spread need far fewer than a frame's 1.5 M
+        # pixels, and the full frame would add ~10 % to the slice's inference time.
+        sub = x[:, ::2, ::2] * std + mean  # raw greys, as the statistics were taken in training
+        match = grey_match(sub, best[:h:2, :w:2], spec.classes, stats)
     return Segmentation(
         labels=lut[best[:h, :w]],
         classes=tuple(spec.classes),
