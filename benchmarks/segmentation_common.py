@@ -118,7 +118,13 @@ class Score:
     seconds: float
     pore_back_recall: float | None = None  # share of shine-through pore pixels labelled porosity
     unfilled_recall: float | None = None  # share of unfilled-pore pixels labelled unfilled_pore
-    confidence: float = math.nan  # mean softmax probability of the chosen class over specimen pixels
+    softmax: float = math.nan  # mean softmax probability of the chosen class over specimen pixels
+    grey_match: float | None = None  # mean over slices of the grey-level match with the training data
+
+    @property
+    def confidence(self) -> float:
+        """The daemon's slice confidence (`SliceMetrics.confidence`): softmax x grey match."""
+        return self.softmax * (1.0 if self.grey_match is None else self.grey_match)
 
     @property
     def porosity_error(self) -> float:
@@ -156,6 +162,7 @@ def score(
     c = dict.fromkeys(("por_i", "por_u", "por_t", "por_p", "cbd_t", "cbd_p", "px", "pb_hit", "pb_all"), 0)
     c.update(un_hit=0, un_all=0)
     conf = 0.0
+    matches: list[float] = []
     t0 = time.perf_counter()
     data = read_slices(folder)
     for k, (images, truth) in enumerate(data):
@@ -179,6 +186,8 @@ def score(
         c["cbd_p"] += int(np.count_nonzero((pred == CBD) & inside))
         c["px"] += int(np.count_nonzero(inside))
         conf += float(seg.max_probability[inside].sum())
+        if seg.grey_match is not None:
+            matches.append(seg.grey_match)
     seconds = time.perf_counter() - t0
     iou = {n: (inter[n] / union[n] if union[n] else None) for n in CANONICAL_CLASSES}
     porosity_iou = c["por_i"] / c["por_u"] if c["por_u"] else math.nan
@@ -201,7 +210,8 @@ def score(
         seconds=seconds,
         pore_back_recall=c["pb_hit"] / c["pb_all"] if c["pb_all"] else None,
         unfilled_recall=c["un_hit"] / c["un_all"] if c["un_all"] else None,
-        confidence=conf / px,
+        softmax=conf / px,
+        grey_match=float(np.mean(matches)) if matches else None,
     )
 
 

@@ -144,7 +144,11 @@ def run_segment(
         )
         record: dict[str, Any] = {"name": item.name, "labels": item.out_name, "seconds": round(seconds, 3)}
         metrics = slice_metrics(
-            seg.labels, pixel_size_m, max_probability=seg.max_probability, entropy=seg.entropy
+            seg.labels,
+            pixel_size_m,
+            max_probability=seg.max_probability,
+            entropy=seg.entropy,
+            grey_match=seg.grey_match,
         )
         record["metrics"] = metrics.model_dump(mode="json")
         miou = None

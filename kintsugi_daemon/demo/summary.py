@@ -136,7 +136,7 @@ def print_summary(s: dict[str, Any], run_dir: Path) -> None:
             ("porosity", "porosity"),
             ("unfilled_pore_share", "unfilled pores"),
             ("cbd_coverage", "CBD coverage"),
-            ("confidence_mean_max_probability", "confidence"),
+            ("confidence", "confidence"),
         ):
             values = [float(m[key]) for m in segs if isinstance(m.get(key), int | float)]
             if values:

@@ -29,6 +29,7 @@ __all__ = [
     "OUTSIDE_LABEL",
     "SHIPPED_INT8_MODEL",
     "SHIPPED_MODEL",
+    "ClassGreyStatistics",
     "ModelError",
     "ModelLoadError",
     "ModelMismatch",
@@ -82,6 +83,15 @@ class Normalisation(BaseModel):
     std: float = Field(gt=0)
 
 
+class ClassGreyStatistics(BaseModel):
+    """One class's grey levels in the training data, per input channel (raw 0..1): `grey_match.py`."""
+
+    model_config = _STRICT
+    mean: list[float]
+    std: list[float]
+    pixels: int = Field(default=0, ge=0)
+
+
 class ModelSpec(BaseModel):
     """The contract a segmentation model declares (metadata props `kintsugi.<field>`)."""
 
@@ -98,6 +108,9 @@ class ModelSpec(BaseModel):
     activation_bytes_per_px: int | None = Field(default=None, gt=0)
     training: dict[str, Any] = Field(default_factory=dict)
     version: str = "unspecified"
+    # Per class, the training pixels' grey mean and spread: the confidence's check that a slice looks like
+    # the training data (`grey_match.py`). Models without it get the softmax confidence alone.
+    grey_statistics: dict[str, ClassGreyStatistics] | None = None
 
     @field_validator("classes")
     @classmethod
@@ -126,6 +139,12 @@ class ModelSpec(BaseModel):
             )
         if self.tile % self.stride:
             raise ValueError(f"tile {self.tile} is not a multiple of stride {self.stride}")
+        for name, stat in (self.grey_statistics or {}).items():
+            if name not in self.classes or not len(stat.mean) == len(stat.std) == len(self.channels):
+                raise ValueError(
+                    f"grey_statistics.{name}: a class of the model with one mean and std per channel "
+                    f"({len(self.channels)}) is required"
+                )
         if self.tile <= 2 * self.effective_halo:
             raise ValueError(
                 f"tile {self.tile} leaves no centre inside a halo of {self.effective_halo} px on each side"

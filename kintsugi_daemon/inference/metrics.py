@@ -244,6 +244,11 @@ class SliceMetrics(BaseModel):
     crack_length_um: float
     confidence_mean_max_probability: float | None
     confidence_mean_entropy: float | None  # normalised by log K: 0 certain, 1 uniform
+    # Overlap (0..1) of the slice's per-class grey levels with the training data's (`grey_match.py`)
+    confidence_grey_match: float | None = None
+    # The slice's confidence: mean max probability x grey match (the probability alone when the model
+    # has no grey statistics). Softmax alone stays high on inputs unlike the training data.
+    confidence: float | None = None
     undefined: dict[str, str]  # field -> why it is None
 
     def numeric(self) -> dict[str, float]:
@@ -268,6 +273,7 @@ def slice_metrics(
     *,
     max_probability: np.ndarray | None = None,
     entropy: np.ndarray | None = None,
+    grey_match: float | None = None,
     crack_params: CrackParams = CrackParams(),
 ) -> SliceMetrics:
     """Metrics of one slice from its canonical label image (and the segmentation's confidence maps)."""
@@ -297,6 +303,11 @@ def slice_metrics(
         mean_p = mean_h = None
         undefined["confidence_mean_max_probability"] = "labels only, no probabilities"
         undefined["confidence_mean_entropy"] = "labels only, no probabilities"
+    if grey_match is None:
+        undefined["confidence_grey_match"] = "the model carries no grey statistics"
+    confidence = None if mean_p is None else mean_p * (1.0 if grey_match is None else grey_match)
+    if confidence is None:
+        undefined["confidence"] = "labels only, no probabilities"
     return SliceMetrics(
         width_px=int(labels.shape[1]),
         height_px=int(labels.shape[0]),
@@ -323,5 +334,7 @@ def slice_metrics(
         crack_length_um=sum(c.length_px for c in cracks) * px_um,
         confidence_mean_max_probability=mean_p,
         confidence_mean_entropy=mean_h,
+        confidence_grey_match=grey_match,
+        confidence=confidence,
         undefined=undefined,
     )

@@ -32,7 +32,7 @@ _MEAN_KEYS = [
     ("fraction_cbd", "CBD fraction"),
     ("fraction_active", "active (NMC) fraction"),
     ("cbd_coverage", "CBD coverage of NMC"),
-    ("confidence_mean_max_probability", "segmentation confidence"),
+    ("confidence", "segmentation confidence"),
 ]
 
 

@@ -1,9 +1,11 @@
 """Which slices a microscopist should annotate: the run's least confident segmentations.
 
 Fine-tuning on a handful of annotated slices (`kintsugi train --init builtin`) helps most where the model
-is least sure, so the daemon keeps the `WANTED` slices with the lowest mean confidence (softmax
-probability of the chosen class) seen in the run. A slice that enters that list is announced with an
-`annotation_wanted` event (journaled with the slice's `segmented` event), and run.json lists them.
+is least sure, so the daemon keeps the `WANTED` slices with the lowest confidence
+(`SliceMetrics.confidence`: the mean softmax probability of the chosen class times the grey-level match
+with the training data, so a slice imaged unlike the training data ranks low even where the softmax stays
+sure) seen in the run. A slice that enters that list is announced with an `annotation_wanted` event
+(journaled with the slice's `segmented` event), and run.json lists them.
 """
 
 from __future__ import annotations

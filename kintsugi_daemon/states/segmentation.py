@@ -134,6 +134,7 @@ class SegmentationPipeline:
                 recipe.imaging.pixel_size_m,
                 max_probability=result.max_probability,
                 entropy=result.entropy,
+                grey_match=result.grey_match,
             )
             first = recipe.imaging.detectors[0]
             preview = await asyncio.to_thread(overlay, images[first], result.labels)
@@ -165,7 +166,7 @@ class SegmentationPipeline:
                 "segmented", {"slice": index, "inference_s": round(infer_s, 3), **numeric}, run_id=run.run_id
             )
         ]
-        wanted = run.least_confident.offer(index, numeric.get("confidence_mean_max_probability"))
+        wanted = run.least_confident.offer(index, numeric.get("confidence"))
         if wanted is not None:
             events.append(EventDraft("annotation_wanted", wanted, run_id=run.run_id))
         self._journal.complete_step(

@@ -327,7 +327,7 @@ async def test_segmentation_runs_beside_the_instrument(harness: Harness, tmp_pat
     wanted = [e for e in harness.journal.pending_events(1000) if e.type == "annotation_wanted"]
     assert sorted(e.data["slice"] for e in wanted) == [0, 1, 2]
     listed = json.loads((run_dir / "run.json").read_text())["annotation_wanted"]
-    confidence = {e.data["slice"]: e.data["confidence_mean_max_probability"] for e in segmented}
+    confidence = {e.data["slice"]: e.data["confidence"] for e in segmented}
     assert [x["slice"] for x in listed] == sorted(confidence, key=lambda i: (round(confidence[i], 4), i))
 
 

@@ -4,6 +4,7 @@ clear errors naming the file, nothing written on bad input, and `--init builtin`
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,127 @@ def test_init_builtin_fine_tunes_the_shipped_model(tmp_path: Path) -> None:
     assert tuned.spec.training["initialised_from"] == SHIPPED_MODEL.name
     assert result.metadata["architecture"]["initialised_from"] == SHIPPED_MODEL.name
     assert tuned.spec.training["data"][0]["kind"] == "annotations (napari)"
+    # grey statistics: the annotated classes' from the new data, the others kept from the shipped model
+    tuned_stats, shipped_stats = tuned.spec.grey_statistics or {}, shipped.spec.grey_statistics or {}
+    assert tuned_stats["pore"] == shipped_stats["pore"]
+    assert tuned_stats["active"].pixels < shipped_stats["active"].pixels
+    assert tuned_stats["active"].mean == pytest.approx([0.5, 0.5], abs=0.02)  # uniform noise images
+
+
+# ------------------------------------------------------------------------------------ ilastik HDF5
+def _axistags(keys: str, resolution: float = 0.0, unit: str = "") -> str:
+    """The "axistags" attribute as ilastik (vigra's AxisTags.toJSON) writes it."""
+    flags = {"t": 8, "z": 2, "y": 2, "x": 2, "c": 1}
+    return json.dumps(
+        {
+            "axes": [
+                {
+                    "key": k,
+                    "typeFlags": flags[k],
+                    "resolution": resolution if k in "xy" else 0,
+                    "description": "",
+                }
+                | ({"unit": unit} if unit and k in "xy" else {})
+                for k in keys
+            ]
+        }
+    )
+
+
+def _h5(path: Path, data: np.ndarray, keys: str | None, **tags: Any) -> None:
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("exported_data", data=data, compression="gzip")
+        if keys is not None:
+            ds.attrs["axistags"] = _axistags(keys, **tags)
+
+
+def _ilastik(folder: Path, labels: str, images: str = "tif", classes: str = '1 = "pore"\n2 = "cbd"') -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "annotations.toml").write_text(
+        f'format = "ilastik"\nlabels = "{labels}"\n[images]\ncbs = "cbs.{images}"\ntld = "tld.{images}"\n'
+        f"[classes]\n{classes}\n"
+    )
+    return folder
+
+
+def test_ilastik_hdf5_export_in_its_axis_orders(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    # (z, y, x, c): a 3-D project's Simple Segmentation export, classes numbered from 1
+    seg = np.ones((2, 30, 40, 1), np.uint8)
+    seg[1, :, 20:] = 2
+    a = _ilastik(tmp_path / "zyxc", "seg.h5")
+    _h5(a / "seg.h5", seg, "zyxc")
+    _images(a, (2, 30, 40))
+    got, info = load_annotations(a, CHANNELS, TRAIN_CLASSES)
+    assert [s.labels.shape for s in got] == [(30, 40), (30, 40)]
+    assert np.all(got[0].labels == TRAIN_CLASSES.index("pore"))
+    assert np.all(got[1].labels[:, 20:] == TRAIN_CLASSES.index("cbd"))
+    assert info.kind == "annotations (ilastik)" and info.pixel_size_m == pytest.approx(PIXEL, rel=1e-3)
+
+    # (y, x, c) labels of one slice, the raw data as ilastik HDF5 too, in (c, y, x) order; the pixel size
+    # from the axistags (resolution + unit)
+    b = _ilastik(tmp_path / "yxc", "labels.h5", images="h5", classes='0 = "ignore"\n1 = "active"')
+    lab = np.zeros((30, 40, 1), np.uint8)
+    lab[5:25, 5:35] = 1
+    _h5(b / "labels.h5", lab, "yxc", resolution=40.5, unit="nm")
+    rng = np.random.default_rng(1)
+    for det in CHANNELS:
+        _h5(
+            b / f"{det}.h5",
+            rng.integers(0, 65535, (1, 30, 40), dtype=np.uint16),
+            "cyx",
+            resolution=40.5,
+            unit="nm",
+        )
+    (s,), info = load_annotations(b, CHANNELS, TRAIN_CLASSES)
+    assert s.image.shape == (2, 30, 40) and s.labels[0, 0] == IGNORE
+    assert np.all(s.labels[5:25, 5:35] == TRAIN_CLASSES.index("active"))
+    assert info.pixel_size_m == pytest.approx(PIXEL, rel=1e-6)
+
+    # without axistags (another HDF5 writer): (Z, Y, X)
+    c = _ilastik(tmp_path / "plain", "seg.h5")
+    _h5(c / "seg.h5", seg[..., 0], None)
+    _images(c, (2, 30, 40))
+    assert len(load_annotations(c, CHANNELS, TRAIN_CLASSES)[0]) == 2
+
+
+def test_bad_ilastik_hdf5_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("h5py")
+    seg = np.ones((1, 30, 40, 1), np.uint8)
+    seg[0, 0, 0] = 7
+    unmapped = _ilastik(tmp_path / "unmapped", "seg.h5")
+    _h5(unmapped / "seg.h5", seg, "zyxc")
+    _images(unmapped, (1, 30, 40))
+    with pytest.raises(AnnotationError, match=r"seg\.h5: label value\(s\) \[7\] are not in the mapping"):
+        load_annotations(unmapped, CHANNELS, TRAIN_CLASSES)
+
+    size = _ilastik(tmp_path / "size", "seg.h5")
+    _h5(size / "seg.h5", np.ones((1, 30, 40, 1), np.uint8), "zyxc")
+    _images(size, (1, 30, 41))
+    with pytest.raises(AnnotationError, match=r"cbs\.tif: detector cbs has shape \(1, 30, 41\)"):
+        load_annotations(size, CHANNELS, TRAIN_CLASSES)
+
+    pixel = _ilastik(tmp_path / "pixel", "seg.h5")
+    _h5(pixel / "seg.h5", np.ones((1, 30, 40, 1), np.uint8), "zyxc", resolution=80.0, unit="nm")
+    _images(pixel, (1, 30, 40))  # TIFFs at 40.5 nm
+    with pytest.raises(AnnotationError, match=r"cbs\.tif: pixel size 40\.50 nm differs from 80\.00 nm"):
+        load_annotations(pixel, CHANNELS, TRAIN_CLASSES)
+
+    probs = _ilastik(tmp_path / "probs", "probs.h5")
+    _h5(probs / "probs.h5", np.zeros((1, 30, 40, 3), np.float32), "zyxc")
+    _images(probs, (1, 30, 40))
+    with pytest.raises(AnnotationError, match=r"probs\.h5: 3 channels \(a probability map"):
+        load_annotations(probs, CHANNELS, TRAIN_CLASSES)
+
+    broken = _ilastik(tmp_path / "broken", "seg.h5")
+    (broken / "seg.h5").write_bytes(b"not hdf5")
+    with pytest.raises(AnnotationError, match=r"seg\.h5: not a readable HDF5 file"):
+        load_annotations(broken, CHANNELS, TRAIN_CLASSES)
+
+    # `kintsugi train` stops with the file's name and writes no model
+    out = tmp_path / "model.onnx"
+    if importlib.util.find_spec("torch") is not None:
+        assert cli.main(["train", str(unmapped), "--out", str(out), "--epochs", "1"]) != 0
+        assert "seg.h5" in capsys.readouterr().err
+        assert not out.exists()

@@ -509,7 +509,9 @@ def test_confidence_from_probability_maps(unet: Path) -> None:
     m = slice_metrics(seg.labels, PX, max_probability=seg.max_probability, entropy=seg.entropy)
     assert m.confidence_mean_max_probability == pytest.approx(float(seg.max_probability.mean()))
     assert m.confidence_mean_entropy is not None and 0 < m.confidence_mean_entropy < 1
-    assert not m.undefined
+    # a model without grey statistics: the confidence is the softmax alone, and the metrics say why
+    assert seg.grey_match is None and m.confidence == m.confidence_mean_max_probability
+    assert m.undefined == {"confidence_grey_match": "the model carries no grey statistics"}
 
 
 def test_iou_per_class() -> None:

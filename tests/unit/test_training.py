@@ -145,6 +145,11 @@ def test_tiny_training_exports_a_valid_onnx(torch_mod: ModuleType, tiny_data: Pa
     assert meta["training"]["seeds"] == [5] and meta["training"]["presets"] == ["90:5:5"]
     assert meta["stride"] == 4 and meta["halo"] >= 4
     assert result.max_abs_diff_ort_torch < 1e-3
+    # the training pixels' per-class grey levels travel with the model (the confidence's grey match)
+    stats = meta["grey_statistics"]
+    assert {"pore", "active", "cbd"} <= set(stats)
+    assert all(len(v["mean"]) == len(v["std"]) == 2 and v["pixels"] > 0 for v in stats.values())
+    assert stats["pore"]["mean"][0] > stats["active"]["mean"][0]  # Pt-filled pores: brightest in CBS
 
     # the daemon's loader and tiler accept it; eager torch rebuilt from the file agrees with onnxruntime
     model = load_model(out, threads=1)

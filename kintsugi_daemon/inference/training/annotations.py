@@ -16,9 +16,11 @@ An annotation folder holds an `annotations.toml` (or the file is named directly)
 What differs between the tools (and is handled here): Avizo label stacks are multi-page TIFFs whose 0 is
 the "Exterior" material (a real label: map it); napari and Fiji label TIFFs use 0 for "not annotated"
 (map it to "ignore"), and Fiji writes the pixel size as ImageJ metadata; ilastik's "Simple Segmentation"
-TIFF export numbers classes from 1 and may carry a trailing channel axis of length 1. Planes where every
-pixel is ignored are not annotated and are skipped. Everything is read and checked before training
-starts, so a bad file stops `kintsugi train` with its name before anything is written.
+TIFF export numbers classes from 1 and may carry a trailing channel axis of length 1; its HDF5 export
+(labels, Simple Segmentation, and the raw data as HDF5 too) is read by `ilastik.py` (dataset
+"exported_data", axis order from its "axistags"): any file ending .h5/.hdf5 is read that way.
+Planes where every pixel is ignored are not annotated and are skipped. Everything is read and checked
+before training starts, so a bad file stops `kintsugi train` with its name before anything is written.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ from kintsugi_daemon.inference.training.data import (
     load_folder,
     pick_evenly,
     to_unit,
+)
+from kintsugi_daemon.inference.training.ilastik import (
+    HDF5_SUFFIXES,
+    HDF5Error,
+    hdf5_pixel_size,
+    read_hdf5_stack,
 )
 
 __all__ = ["ANNOTATION_FILE", "FORMATS", "AnnotationError", "load_annotations", "load_training_data"]
@@ -151,10 +159,16 @@ def _stack(spec: _Spec, pattern: str, *, labels: bool) -> tuple[npt.NDArray[Any]
     files = _files(spec, pattern)
     planes: list[npt.NDArray[Any]] = []
     for f in files:
-        try:
-            arr = np.asarray(tifffile.imread(f))
-        except (OSError, ValueError, tifffile.TiffFileError) as exc:
-            raise AnnotationError(f"{f}: not a readable TIFF ({exc})") from exc
+        if f.suffix.lower() in HDF5_SUFFIXES:
+            try:
+                arr = read_hdf5_stack(f, labels=labels)
+            except HDF5Error as exc:
+                raise AnnotationError(str(exc)) from exc
+        else:
+            try:
+                arr = np.asarray(tifffile.imread(f))
+            except (OSError, ValueError, tifffile.TiffFileError) as exc:
+                raise AnnotationError(f"{f}: not a readable TIFF ({exc})") from exc
         if labels and spec.format == "ilastik" and arr.ndim >= 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]  # ilastik keeps a channel axis of length 1
         if arr.ndim == 2:
@@ -170,7 +184,10 @@ def _stack(spec: _Spec, pattern: str, *, labels: bool) -> tuple[npt.NDArray[Any]
 def _check_pixel_size(spec: _Spec, files: Sequence[Path], expected: float | None) -> float | None:
     found = expected
     for f in files:
-        size = _tiff_pixel_size(f)
+        try:
+            size = hdf5_pixel_size(f) if f.suffix.lower() in HDF5_SUFFIXES else _tiff_pixel_size(f)
+        except HDF5Error as exc:
+            raise AnnotationError(str(exc)) from exc
         if size is None:
             continue
         if found is None:

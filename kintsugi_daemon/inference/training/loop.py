@@ -27,6 +27,7 @@ from torch import nn  # type: ignore[import-not-found, unused-ignore]
 from torch.nn import functional as nnf  # type: ignore[import-not-found, unused-ignore]
 
 from kintsugi_daemon.inference.contract import ModelSpec, Normalisation
+from kintsugi_daemon.inference.grey_match import class_grey_statistics
 from kintsugi_daemon.inference.training.annotations import load_training_data
 from kintsugi_daemon.inference.training.data import (
     DEFAULT_CHANNELS,
@@ -187,6 +188,8 @@ class _Session:
     sched: Any  # the one-cycle LR scheduler
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0
+    # the augmentation's per-pixel noise on a GPU (None on the CPU: `gen` draws it there)
+    field_gen: Any = None
 
     @classmethod
     def start(
@@ -202,7 +205,10 @@ class _Session:
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch, pct_start=0.15
         )
-        return cls(cfg, model, norm, arch, sampler, torch.Generator().manual_seed(cfg.seed), opt, sched)
+        run = cls(cfg, model, norm, arch, sampler, torch.Generator().manual_seed(cfg.seed), opt, sched)
+        if torch.device(cfg.device).type != "cpu":
+            run.field_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        return run
 
     def resume(self, path: Path, log: Log) -> None:
         cfg = self.cfg
@@ -225,6 +231,8 @@ class _Session:
             )
         self.norm = [Normalisation.model_validate(n) for n in state["normalisation"]]
         self.gen.set_state(state["torch_rng"])
+        if self.field_gen is not None and state.get("field_rng") is not None:
+            self.field_gen.set_state(state["field_rng"].cpu())
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         self.history = list(state["history"])
         log(f"kintsugi train: resumed from {path} after epoch {self.epoch}")
@@ -240,6 +248,7 @@ class _Session:
                 "normalisation": [n.model_dump() for n in self.norm],
                 "architecture": self.arch,
                 "torch_rng": self.gen.get_state(),
+                "field_rng": None if self.field_gen is None else self.field_gen.get_state(),
                 "sampler_rng": self.sampler.rng.bit_generator.state,
             },
             path,
@@ -254,10 +263,9 @@ class _Session:
         losses: list[float] = []
         for _ in range(cfg.steps_per_epoch):
             xb, yb = self.sampler.batch(cfg.batch_size)
-            x, y = torch.from_numpy(xb), torch.from_numpy(yb)
+            x, y = torch.from_numpy(xb).to(cfg.device), torch.from_numpy(yb).to(cfg.device)
             if cfg.augment:
-                x, y = augment(x, y, self.gen)
-            x, y = x.to(cfg.device), y.to(cfg.device)
+                x, y = augment(x, y, self.gen, self.field_gen)
             logits = self.model((x - mean_t) / std_t)
             loss = nnf.cross_entropy(logits, y, ignore_index=IGNORE)
             if cfg.dice_weight:
@@ -287,7 +295,8 @@ def _training_record(
         "crop_px": run.sampler.crop,
         "optimizer": f"AdamW lr {cfg.lr} one-cycle, weight decay {cfg.weight_decay}",
         "loss": "cross-entropy + soft Dice" if cfg.dice_weight else "cross-entropy",
-        "augmentation": "x-flip, blur, gamma, contrast, brightness, curtaining, noise"
+        "augmentation": "x-flip, blur (sigma <= 1.2 px), gamma exp(+-0.3), contrast x0.6-1.6 about the crop "
+        "mean or mid-grey, brightness +-0.12, curtaining (<= 6 %), noise (sigma <= 0.03), clipped to 0..1"
         if cfg.augment
         else "none",
         "sampling": f"{cfg.rare_class_fraction:.0%} of crops centred on a pixel of a uniformly drawn class; "
@@ -342,6 +351,13 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
         f"training, right-most {cfg.val_fraction:.0%} of columns for validation"
     )
     model, norm, arch = _initial_model(cfg, slices, split_cols)
+    # The training pixels' per-class grey levels, for the confidence's check that a slice looks like the
+    # training data; a fine-tuned model keeps its parent's statistics for classes its data lacks.
+    grey_stats = class_grey_statistics(
+        [(s.image[:, :, :c], s.labels[:, :c]) for s, c in zip(slices, split_cols, strict=True)], cfg.classes
+    )
+    if cfg.init is not None:
+        grey_stats = {**(read_onnx_metadata(cfg.init).get("grey_statistics") or {}), **grey_stats}
     stride, halo = _halo(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -369,6 +385,7 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
             layout="NCHW",
             training=training,
             version=MODEL_VERSION,
+            grey_statistics=grey_stats or None,
         )
 
     writer = _tensorboard(cfg, log)
