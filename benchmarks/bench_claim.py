@@ -156,6 +156,7 @@ def part_b(data_dir: Path, quick: bool) -> None:
         ["training slices", "with Pt", "without Pt"],
         rows,
         ["porosity IoU = IoU of pore + unfilled_pore: without Pt every empty pore is unfilled_pore"],
+        key="seg-claim-slices",
     )
 
     def needed(variant: str, seed: int) -> str:
@@ -187,4 +188,5 @@ def part_b(data_dir: Path, quick: bool) -> None:
             f"pore-back pixels: {n_pb} of the held-out specimen's {n_por} pore pixels lie in the CBD's CBS",
             "grey range without Pt (above its 5th percentile); recall = share of them labelled porosity",
         ],
+        key="seg-claim",
     )

@@ -126,6 +126,7 @@ def part_d(model_path: Path, data_dir: Path, quick: bool) -> None:
             "of each predicted class's grey levels with the training data's (kintsugi_daemon/inference/"
             "grey_match.py); confidence = softmax x grey match (the daemon's SliceMetrics.confidence)",
         ],
+        key="seg-robustness",
     )
 
 
@@ -206,6 +207,7 @@ def part_e(model_path: Path, data_dir: Path, quick: bool) -> None:
         ["model", "mIoU", "pore IoU", "cbd IoU", "confidence", "train s"],
         rows,
         ["fine-tuning: 3 epochs x 15 steps of 8 crops of 128 px, lr 1e-3, from the shipped weights"],
+        key="seg-fine-tuning",
     )
 
 

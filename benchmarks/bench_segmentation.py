@@ -92,6 +92,7 @@ def part_a(model_path: Path, data_dir: Path, quick: bool) -> None:
             "porosity = pore + unfilled_pore share of the specimen pixels; CBD = cbd share",
             "pixels outside the specimen (Pt cap, vacuum; label 255) are not scored",
         ],
+        key="seg-held-out",
     )
     print_table(
         "the same specimens with failed infiltration: partial Pt (half the face area without Pt) and no Pt",
@@ -110,6 +111,7 @@ def part_a(model_path: Path, data_dir: Path, quick: bool) -> None:
             "unfilled recall = share of the unfilled-pore pixels labelled unfilled_pore",
             "(the fraction a Pt re-deposition decision reads)",
         ],
+        key="seg-failed",
     )
     assert headline is not None
     s, part, bare = headline

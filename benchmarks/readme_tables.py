@@ -102,8 +102,9 @@ def splice(readme: str, fragments: dict[str, str]) -> tuple[str, list[str], list
 
     def replace(m: re.Match[str]) -> str:
         key = m.group("key")
-        body = fragments.get(key, m.group("body"))
-        return f"<!-- bench:{key} -->\n{body.rstrip()}\n<!-- /bench:{key} -->"
+        body = fragments.get(key, m.group("body")).strip()
+        inner = f"{body}\n" if body else ""  # an empty block stays two lines
+        return f"<!-- bench:{key} -->\n{inner}<!-- /bench:{key} -->"
 
     return (
         _BLOCK.sub(replace, readme),

@@ -247,4 +247,6 @@ def print_table(
         table = Table(header)
         for r in rows:
             table.add(*r)
-        publish(key, title[:1].upper() + title[1:] + ":", table, *(f"{n[:1].upper()}{n[1:]}." for n in notes))
+        note = "; ".join(notes)
+        note = f"{note[:1].upper()}{note[1:]}." if note else ""
+        publish(key, title[:1].upper() + title[1:] + ":", table, *([note] if note else []))

@@ -32,6 +32,8 @@ def test_splice_replaces_only_the_blocks_with_fresh_output() -> None:
     assert text.endswith("between\n<!-- bench:serve -->\n| kept |\n<!-- /bench:serve -->\nafter\n")
     again, _, _ = splice(text, {"idle": "| new | table |\n"})
     assert again == text  # idempotent: the markers survive a regeneration
+    empty = "a\n<!-- bench:idle -->\n<!-- /bench:idle -->\nb\n"
+    assert splice(empty, {})[0] == empty  # a block not measured yet stays as it is
 
 
 def test_splice_refuses_output_without_a_block_and_duplicate_blocks() -> None:
