@@ -14,8 +14,10 @@ README = Path(os.environ.get("KINTSUGI_README", Path(__file__).resolve().parents
 
 
 def _prose(text: str) -> str:
-    """The README without code blocks and tables: the sentences a person reads."""
+    """The README without code blocks, tables and the blocks the benchmarks generate (their "measured on"
+    lines repeat by design): the sentences a person writes and reads."""
     text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"<!-- bench:([a-z0-9-]+) -->.*?<!-- /bench:\1 -->", "", text, flags=re.S)
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("|"))
 
 
