@@ -197,9 +197,19 @@ def test_imaging_raises_dose_below_rose_then_line_integration() -> None:
     assert d.change["dwell_s"] == pytest.approx(3e-6) and d.threshold == 2.0  # back to the recipe's dose
 
 
-def test_imaging_auto_contrast_brightness_on_saturation() -> None:
-    (d,) = imaging.decide([observation(R, 0, saturation=0.05)], R)
+def test_imaging_auto_contrast_brightness_on_saturation_that_persists() -> None:
+    saturated = [observation(R, i, saturation=0.05) for i in range(3)]
+    (d,) = imaging.decide(saturated, R)
     assert d.action == "auto_contrast_brightness" and d.change == {"auto_contrast_brightness": True}
+    # One or two saturated slices are the face (unfilled pores charge until the re-deposit), not the
+    # detector settings: re-mapping the grey levels would move the model's input for the rest of the run.
+    assert imaging.decide([*clean_history(R, 3), *saturated[:2]], R) == []
+    # Still saturated on the slice the re-mapping was done for: the count starts again there.
+    remapped = observation(R, 3, saturation=0.05, settings={"auto_contrast_brightness": True})
+    assert imaging.decide([*saturated, remapped], R) == []
+    assert imaging.decide([*saturated, remapped, *[observation(R, i, saturation=0.05) for i in (4, 5)]], R)
+    once = adaptive_recipe("[adapt.imaging]\nsaturation_slices = 1\n")
+    assert imaging.decide([observation(once, 0, saturation=0.05)], once)
 
 
 # --- stop -------------------------------------------------------------------------------------------
@@ -222,7 +232,11 @@ def test_stop_rules() -> None:
 
 
 def test_next_settings_applies_and_clears_one_shot_actions() -> None:
-    history = [*clean_history(R, 3), observation(R, 3, shift_px=(1.0, 0.0), saturation=0.2)]
+    history = [
+        *clean_history(R, 1),
+        *[observation(R, i, unfilled=0.0, saturation=0.2) for i in (1, 2)],
+        observation(R, 3, shift_px=(1.0, 0.0), saturation=0.2),
+    ]
     decisions = decide(history, R)
     first = next_settings(history[-1].settings, decisions, R, LIMIT_M)
     assert first.auto_contrast_brightness and first.beam_shift_offset_x_m < 0
