@@ -297,8 +297,14 @@ class PtAdapt(Strict):
     """Re-deposit Pt when pores stop filling or the infiltration ahead of the face runs out (lag 2)."""
 
     enabled: bool = True
-    max_unfilled_share: float = Field(default=0.03, gt=0, lt=1)  # unfilled / all pores on a segmented slice
-    margin_m: float = Field(default=0.1e-6, ge=0, le=20e-6)  # keep this much infiltration ahead of the face
+    # unfilled / all pores on a segmented slice. The shipped model calls 1-4 % of a filled face's pores
+    # unfilled (bench_adapt); a face the front has reached shows 6 % and more.
+    max_unfilled_share: float = Field(default=0.05, gt=0, lt=1)
+    # Deposit when the next slice would be imaged less than this short of the learnt reach.
+    margin_m: float = Field(default=0.0, ge=0, le=20e-6)
+    # The most of its reported depth a deposit is trusted to fill (the densest electrode's share; the
+    # reach trusted before any deposit was outrun). Higher: fewer deposits, unfilled slices at dense bands.
+    max_reach_fraction: float = Field(default=0.3, gt=0, le=1)
     assumed_infiltration_m: float = Field(default=1e-6, gt=0, le=50e-6)  # when a deposit reports no depth
     min_interval_slices: int = Field(default=1, ge=1, le=1000)
     max_interval_slices: int = Field(default=50, ge=1, le=10_000)
@@ -359,6 +365,8 @@ class ImagingAdapt(Strict):
     max_dwell_s: float = Field(default=10e-6, ge=25e-9, le=1e-3)
     max_line_integration: int = Field(default=4, ge=1, le=255)
     max_saturation: float = Field(default=0.01, gt=0, lt=1)
+    # on this many slices in a row: one saturated slice is the face (unfilled pores charge), not the settings
+    saturation_slices: int = Field(default=3, ge=1, le=100)
 
 
 class StopAdapt(Strict):

@@ -1,13 +1,25 @@
-"""Pt re-deposition from the unfilled-pore share and the infiltration estimated ahead of the face (lag 2).
+"""Pt re-deposition before the face reaches the infiltration front (lag 1), or when unfilled pores appear
+(lag 2).
 
-Instead of a deposit every k slices, re-deposit when either
-- the latest segmented slice since the last deposit shows more unfilled pores than the threshold (the
-  infiltration front has been reached), or
-- the infiltration estimated to remain ahead of the face when the decision takes effect is below the
-  margin: the depth the last deposit reported (an instrument's estimate, or the recipe's assumption),
-  scaled by what recent deposits turned out to reach (`effective_depth_factor`), minus the face advance
-  since, minus the slices still to be milled before the decision applies, or
-- `max_interval_slices` have passed (a bound for a blind spot), and never within `min_interval_slices`.
+A slice cannot be imaged again once it is milled away, so the policy is built to deposit before the front,
+not after it shows:
+- the reach: how far past a deposit's face slices were imaged with their pores filled. It is learnt
+  from the deposits the face outran: the advance of the last slice imaged clean before pores went
+  unfilled (the lower end of where the front lies; the slice that showed them is already past it). A
+  deposit that was imaged clean as far as it was trusted grows the estimate by one slice only, so a
+  probe that finds the front costs one partly unfilled slice, not a band of them;
+- never past `max_reach_fraction` of the reported depth (the instrument reports the nominal reach; in
+  dense electrode the precursor gets a third as far). Dense bands come back along the run and the face
+  enters one with no warning: the front goes from no pore to most pores unfilled within a slice or two,
+  and the segmentation that shows it arrives two slices late. A reach learnt in an open stretch would
+  image a pair of unfilled slices at each dense band; the ceiling is what keeps every 10-slice window
+  filled, at the price of more deposits where the electrode is open (README, "Adaptive policies");
+- deposit for the next slice when it would be imaged less than `margin_m` short of that reach (lag 1:
+  no segmentation needed), or
+- when the latest segmented slice since the last deposit shows more unfilled pores than the threshold
+  (the front came sooner than learnt: lag 2, since slice i's segmentation overlaps slice i+1's work), or
+- when `max_interval_slices` have passed (a bound for a blind spot), and never within
+  `min_interval_slices`.
 """
 
 from __future__ import annotations
@@ -18,9 +30,7 @@ from kintsugi_daemon.adapt.decisions import LAG, Decision, decision
 from kintsugi_daemon.adapt.observations import Observation
 from kintsugi_daemon.config import Recipe
 
-__all__ = ["decide", "effective_depth_factor"]
-
-_PROBE = 1.1  # growth of the reach estimate per deposit that was not outrun
+__all__ = ["decide", "reach_fraction"]
 
 
 def _deposits(history: Sequence[Observation]) -> list[int]:
@@ -34,31 +44,37 @@ def _face_before(history: Sequence[Observation], i: int) -> float:
     return history[0].face_position_m - history[0].settings.mill_thickness_m
 
 
-def effective_depth_factor(history: Sequence[Observation], recipe: Recipe) -> float:
-    """How far deposits really reach, as a fraction of their reported depth, from what the last ones did.
+def _unfilled(o: Observation, recipe: Recipe) -> bool:
+    seg = o.segmentation
+    return seg is not None and (seg.unfilled_pore_share or 0.0) > recipe.adapt.pt.max_unfilled_share
 
-    A deposit whose pores went unfilled after an advance `a` reached a / reported: the factor is set to
-    that. A deposit that was followed by the next one before any pore went unfilled says only that the
-    reach was enough, so the factor grows by `_PROBE` (bands of dense electrode come and go along the
-    run: a factor learnt in one must not hold for the rest of the night).
-    """
+
+def _reported(o: Observation, recipe: Recipe) -> float:
+    return o.infiltration_depth_m or recipe.adapt.pt.assumed_infiltration_m
+
+
+def reach_fraction(history: Sequence[Observation], recipe: Recipe) -> float:
+    """How far past its face the next deposit is expected to keep pores filled, as a fraction of its
+    reported depth, from what the deposits so far did (see the module docstring)."""
     s = recipe.adapt.pt
-    factor = 1.0
+    step = recipe.run.slice_thickness_m
+    fraction = s.max_reach_fraction
     deposits = _deposits(history)
     for n, start in enumerate(deposits):
         end = deposits[n + 1] if n + 1 < len(deposits) else len(history)
-        reported = history[start].infiltration_depth_m or s.assumed_infiltration_m
-        crossed = False
-        for o in history[start + 1 : end]:
-            seg = o.segmentation
-            if seg is not None and (seg.unfilled_pore_share or 0.0) > s.max_unfilled_share:
-                reached = o.face_position_m - _face_before(history, start)
-                factor = max(reached, 0.0) / reported
-                crossed = True
-                break
-        if not crossed and n + 1 < len(deposits):
-            factor *= _PROBE
-    return min(max(factor, 0.1), 1.0)
+        reported, face = _reported(history[start], recipe), _face_before(history, start)
+        crossing = next((i for i in range(start, end) if _unfilled(history[i], recipe)), None)
+        if crossing is not None:
+            clean = history[crossing - 1].face_position_m if crossing > start else face
+            fraction = max(clean - face, 0.0) / reported
+        elif n + 1 < len(deposits):
+            imaged = history[end - 1].face_position_m - face
+            if imaged + step > fraction * reported - s.margin_m:
+                # Imaged clean as far as it was trusted: one slice further next time (a deposit
+                # followed early by the next says nothing about its reach).
+                fraction += step / reported
+        fraction = min(fraction, s.max_reach_fraction)
+    return max(fraction, 0.0)
 
 
 def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
@@ -87,32 +103,29 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
         ]
 
     # Segmentation evidence (lag 2: slice i's segmentation overlaps slice i+1's instrument work).
-    segmented = [o for o in history[last + 1 :] if o.segmentation is not None]
-    if segmented:
-        seg = segmented[-1].segmentation
-        assert seg is not None
-        share = seg.unfilled_pore_share or 0.0
-        if share > s.max_unfilled_share:
-            return deposit(
-                segmented[-1],
-                LAG["pt"],
-                {"unfilled_pore_share": share},
-                s.max_unfilled_share,
-                f"slice {segmented[-1].slice_index} shows {share:.1%} of its pores unfilled",
-            )
-    # The estimate needs no segmentation (lag 1): without a deposit now, the next slice is imaged with
-    # what is left after one more mill.
-    reported = history[last].infiltration_depth_m or s.assumed_infiltration_m
-    depth = reported * effective_depth_factor(history, recipe)
-    advanced = latest.face_position_m - _face_before(history, last)
-    ahead = depth - advanced - latest.settings.mill_thickness_m
+    seen = next((o for o in reversed(history[last:]) if o.segmentation is not None), None)
+    if seen is not None and seen.segmentation is not None and _unfilled(seen, recipe):
+        share = seen.segmentation.unfilled_pore_share or 0.0
+        return deposit(
+            seen,
+            LAG["pt"],
+            {"unfilled_pore_share": share},
+            s.max_unfilled_share,
+            f"slice {seen.slice_index} shows {share:.1%} of its pores unfilled",
+        )
+    # The reach needs no segmentation (lag 1): without a deposit now, the next slice is imaged one more
+    # mill past the last deposit's face.
+    reach = _reported(history[last], recipe) * reach_fraction(history, recipe)
+    advanced = latest.face_position_m - _face_before(history, last) + latest.settings.mill_thickness_m
+    ahead = reach - advanced
     if ahead < s.margin_m:
         return deposit(
             latest,
             1,
-            {"infiltration_ahead_m": ahead, "infiltration_depth_m": depth},
+            {"reach_ahead_m": ahead, "reach_m": reach},
             s.margin_m,
-            f"about {ahead * 1e9:.0f} nm of infiltrated pores left ahead of slice {latest.slice_index + 1}",
+            f"slice {latest.slice_index + 1} would be imaged {advanced * 1e9:.0f} nm past the last deposit, "
+            f"{ahead * 1e9:.0f} nm short of its expected reach ({reach * 1e9:.0f} nm)",
         )
     since = latest.slice_index + 1 - history[last].slice_index
     if since >= s.max_interval_slices:

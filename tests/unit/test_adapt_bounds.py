@@ -50,6 +50,7 @@ policy = "adaptive"
 [adapt.pt]
 max_unfilled_share = {rng.uniform(0.01, 0.3)!r}
 margin_m = {rng.uniform(0, 1e-6)!r}
+max_reach_fraction = {rng.uniform(0.05, 1.0)!r}
 min_interval_slices = {rng.randint(1, 3)}
 max_interval_slices = {rng.randint(3, 30)}
 [adapt.drift]
@@ -70,6 +71,7 @@ relax_after_slices = {rng.randint(1, 6)}
 min_dwell_s = {dwell * rng.uniform(0.1, 1.0)!r}
 max_dwell_s = {dwell * rng.uniform(1.0, 8.0)!r}
 max_line_integration = {rng.randint(2, 8)}
+saturation_slices = {rng.randint(1, 4)}
 """
     return parse_recipe(text)
 

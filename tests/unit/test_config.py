@@ -140,6 +140,8 @@ ADAPTIVE = GOOD + '[adapt]\npolicy = "adaptive"\n'
         ("[adapt.drift]\nmin_score = 1.5\n", "adapt.drift.min_score"),
         ("[adapt.drift]\nmin_scor = 0.5\n", "adapt.drift.min_scor"),  # typo
         ("[adapt.pt]\nmax_unfilled_share = nan\n", "adapt.pt.max_unfilled_share"),
+        ("[adapt.pt]\nmax_reach_fraction = 0\n", "adapt.pt.max_reach_fraction"),
+        ("[adapt.imaging]\nsaturation_slices = 0\n", "adapt.imaging.saturation_slices"),
         ("[adapt.thickness]\ngain = 0\n", "adapt.thickness.gain"),
         ("[adapt.imaging]\nmin_dwell_s = 5e-6\nmax_dwell_s = 2e-6\n", "adapt.imaging.min_dwell_s exceeds"),
         # contradictions with another section, refused only when the adaptive policy reads them
