@@ -2,7 +2,8 @@
 
 The reference is the best sharpness (of the first detector) since the last autofocus: the face changes
 from slice to slice, so a single reference slice would be noise. An autofocus followed by a slice still
-below the threshold means astigmatism, not defocus: autostigmation next.
+below the threshold (against the stretch that asked for it) means astigmatism, not defocus: autostigmation
+next.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ def decide(history: Sequence[Observation], recipe: Recipe) -> list[Decision]:
     since_index = focused[-1] if focused else 0
     now = o.images.sharpness.get(detector, 0.0)
     if focused and since_index == len(history) - 1:
-        # This slice was just focused: still soft against the best before the focus means astigmatism.
-        before = [h.images.sharpness.get(detector, 0.0) for h in history[:since_index]]
+        # This slice was just focused: still soft against the best of the stretch that asked for the focus
+        # (since the focus before it) means astigmatism. Not the best of the whole run: the face's content
+        # changes, and a reference from hundreds of slices ago is never reached again (it had asked for a
+        # stigmation after every focus of a 200-slice run).
+        previous = focused[-2] if len(focused) > 1 else 0
+        before = [h.images.sharpness.get(detector, 0.0) for h in history[previous:since_index]]
         if s.stigmation and before and now < (1.0 - s.sharpness_drop) * max(before):
             threshold = (1.0 - s.sharpness_drop) * max(before)
             return [

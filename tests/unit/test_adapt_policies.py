@@ -148,6 +148,21 @@ def test_focus_when_sharpness_degrades_then_stigmation() -> None:
     assert focus.decide([*soft, observation(R, 6, sharpness=0.3)], R) == []
 
 
+def test_stigmation_compares_with_the_stretch_that_asked_for_the_focus() -> None:
+    """A very sharp face long ago (before an earlier focus) is no reference for the latest one."""
+    history = [
+        observation(R, 0, sharpness=3.0),
+        observation(R, 1, sharpness=1.0, settings={"auto_focus": True}),
+    ]
+    history += [observation(R, i, sharpness=1.0) for i in range(2, 6)]
+    history += [observation(R, 6, sharpness=0.7)]  # degraded: the focus at 7 was asked for against 1.0
+    focused = [*history, observation(R, 7, sharpness=0.95, settings={"auto_focus": True})]
+    assert focus.decide(focused, R) == []  # sharp again against its own stretch (0.8 x 1.0)
+    still_soft = [*history, observation(R, 7, sharpness=0.75, settings={"auto_focus": True})]
+    (d,) = focus.decide(still_soft, R)
+    assert d.action == "auto_stigmation" and d.measured["best_before_focus"] == pytest.approx(1.0)
+
+
 def test_focus_after_the_face_receded() -> None:
     history = [observation(R, 0, face_m=0.0, settings={"auto_focus": True})]
     history += [observation(R, i, face_m=i * 1.7e-6) for i in (1, 2, 3)]
