@@ -324,8 +324,6 @@ class LocalBroker:
             f"listener {self.port} {self.host}\n"
             f"{tls}"
             "allow_anonymous false\n"
-            # Events go out one small packet at a time: do not hold them back for Nagle (~40 ms a hop).
-            "set_tcp_nodelay true\n"
             f"password_file {passwd}\n"
             f"acl_file {acl}\n"
             f"{persistence}"
