@@ -207,11 +207,6 @@ class MqttLink:
             # A journal that cannot be written (a full disk: SQLite's "database or disk is full") is
             # survived like a lost broker: back off and reconnect; the unsent events are replayed.
             except (aiomqtt.MqttError, sqlite3.OperationalError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # Cancelled, and the client's disconnect then failed too: its MqttError replaced the
-                    # CancelledError on the way out. Reconnecting would outlive the cancellation.
-                    raise asyncio.CancelledError from exc
                 t = self.tuning
                 delay = min(t.backoff_max_s, t.backoff_min_s * 2**self._failures)
                 delay *= random.uniform(0.5, 1.0)  # jitter: a fleet of daemons must not reconnect in step
