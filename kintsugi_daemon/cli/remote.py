@@ -18,6 +18,7 @@ from typing import Any
 import aiomqtt
 
 from kintsugi_daemon.config import MqttSettings
+from kintsugi_daemon.service import mqtt_cancel
 from kintsugi_daemon.service.messages import SLICES_LATEST_PREVIEW, Topics
 
 __all__ = ["DaemonView", "Operator", "OperatorError"]
@@ -171,8 +172,8 @@ class Operator:
         """Publish `cmd/<verb>` and return its reply (OperatorError when none comes in time)."""
         payload = {"command_id": uuid.uuid4().hex, "sent_at": time.time(), **(fields or {})}
         async with self._client() as client:
-            await client.subscribe(self.topics.reply(verb), qos=1)
-            await client.publish(self.topics.command(verb), json.dumps(payload), qos=1)
+            await mqtt_cancel.call(client.subscribe(self.topics.reply(verb), qos=1))
+            await mqtt_cancel.call(client.publish(self.topics.command(verb), json.dumps(payload), qos=1))
             try:
                 async with asyncio.timeout(timeout_s):
                     async for message in client.messages:
@@ -195,7 +196,7 @@ class Operator:
         returns True (or the timeout passes)."""
         view = DaemonView()
         async with self._client() as client:
-            await client.subscribe(self.topics.full("#"), qos=1)
+            await mqtt_cancel.call(client.subscribe(self.topics.full("#"), qos=1))
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
                     payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -209,7 +210,7 @@ class Operator:
         status has come and the broker's retained burst has been quiet for RETAINED_QUIET_S."""
         view = DaemonView()
         async with self._client() as client:
-            await client.subscribe(self.topics.full("#"), qos=1)
+            await mqtt_cancel.call(client.subscribe(self.topics.full("#"), qos=1))
             messages = aiter(client.messages)
             try:
                 async with asyncio.timeout(timeout_s):

@@ -324,6 +324,8 @@ class LocalBroker:
             f"listener {self.port} {self.host}\n"
             f"{tls}"
             "allow_anonymous false\n"
+            # Small packets (events, commands) leave at once, as with deploy/mosquitto/kintsugi.conf.
+            "set_tcp_nodelay true\n"
             f"password_file {passwd}\n"
             f"acl_file {acl}\n"
             f"{persistence}"

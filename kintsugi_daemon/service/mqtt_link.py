@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ValidationError
 
 from kintsugi_daemon.config import MqttSettings
-from kintsugi_daemon.service import profiling
+from kintsugi_daemon.service import mqtt_cancel, profiling
 from kintsugi_daemon.service.messages import (
     COMMAND_MODELS,
     PROGRESS,
@@ -192,7 +192,7 @@ class MqttLink:
         if client is None:
             return False
         try:
-            await client.publish(self.topics.metrics, _json(values), qos=0)
+            await mqtt_cancel.call(client.publish(self.topics.metrics, _json(values), qos=0))
         except aiomqtt.MqttError as exc:
             log.debug("metrics not published: %s", exc)
             return False
@@ -246,9 +246,11 @@ class MqttLink:
 
     async def _connection(self) -> None:
         client = self._make_client()
+        before = mqtt_cancel.cancel_requests()
         async with client:
             self._client = client
             try:
+                mqtt_cancel.reraise_dropped_cancel(before)  # the connect waits with wait_for too
                 self.connections += 1
                 try:
                     await self._announce(client)
@@ -278,9 +280,9 @@ class MqttLink:
         rest retained. Subscribing first matters: an operator who sees our status may command at once."""
         if self.protocol == aiomqtt.ProtocolVersion.V5:
             options = SubscribeOptions(qos=1, retainAsPublished=True)
-            await client.subscribe(self.topics.commands, options=options)
+            await mqtt_cancel.call(client.subscribe(self.topics.commands, options=options))
         else:
-            await client.subscribe(self.topics.commands, qos=1)
+            await mqtt_cancel.call(client.subscribe(self.topics.commands, qos=1))
         retained = self._retained
         retained.pop(self.topics.status, None)
         retained[self.topics.description] = _json(self._description())
@@ -294,9 +296,10 @@ class MqttLink:
                 if topic.startswith(self.topics.root + "alerts/") and topic not in active:
                     retained[topic] = b""
             retained.update(active)
-        await client.publish(self.topics.status, _json(self._status_now()), qos=1, retain=True)
+        status = _json(self._status_now())
+        await mqtt_cancel.call(client.publish(self.topics.status, status, qos=1, retain=True))
         for topic, payload in list(retained.items()):
-            await client.publish(topic, payload, qos=1, retain=True)
+            await mqtt_cancel.call(client.publish(topic, payload, qos=1, retain=True))
 
     def _status_now(self, **update: Any) -> Status:
         return self._status().model_copy(update={"ts": self._clock(), **update})
@@ -314,7 +317,7 @@ class MqttLink:
         if client is None:
             return False
         try:
-            await client.publish(topic, payload, qos=1, retain=True)
+            await mqtt_cancel.call(client.publish(topic, payload, qos=1, retain=True))
         except aiomqtt.MqttError as exc:
             log.debug("retained %s not published now (re-sent on reconnect): %s", topic, exc)
             return False
@@ -383,7 +386,7 @@ class MqttLink:
             if not payload:
                 continue  # an empty payload clears a retained message from the broker: not a command
             reply = await self._command(verb, payload, retained=message.retain)
-            await client.publish(self.topics.reply(verb), _json(reply), qos=1)
+            await mqtt_cancel.call(client.publish(self.topics.reply(verb), _json(reply), qos=1))
 
     async def _command(self, verb: str, payload: bytes, *, retained: bool) -> CommandReply:
         command_id: str | None = None
