@@ -7,13 +7,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from kintsugi_daemon.inference.contract import SHIPPED_MODEL, load_model
+from kintsugi_daemon.inference.contract import SHIPPED_INT8_MODEL, SHIPPED_MODEL, load_model
 from kintsugi_daemon.inference.datasets import dataset_items, load_manifest, read_tiff
-from kintsugi_daemon.inference.quantize import calibration_crops, quantize_int8
+from kintsugi_daemon.inference.quantize import calibration_crops, quantize_int8, upsampling_as_depth_to_space
 from kintsugi_daemon.inference.tiling import segment
 
 pytest.importorskip("onnx")
@@ -103,3 +104,67 @@ def test_builtin_int8_is_shipped_and_meets_the_recipe_contract() -> None:
     assert resolve_model("models/mine.onnx") == Path("models/mine.onnx")
     with pytest.raises(ConfigError, match="memory_budget_mb"):
         parse_recipe(base + "[segmentation]\nmemory_budget_mb = 1\n")
+
+
+def _up_sampling_graph(kernel: int, stride: int, c_in: int = 3, c_out: int = 5) -> Any:
+    """x -> ConvTranspose(kernel, stride) -> Relu: the U-Net's up-sampling, with random weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(kernel * 10 + stride)
+    w = rng.normal(size=(c_in, c_out, kernel, kernel)).astype(np.float32)
+    b = rng.normal(size=c_out).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "ConvTranspose",
+                ["x", "w", "b"],
+                ["up"],
+                name="up",
+                kernel_shape=[kernel] * 2,
+                strides=[stride] * 2,
+            ),
+            helper.make_node("Relu", ["up"], ["y"]),
+        ],
+        "up",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, 7, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c_out, None, None])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def _run(proto: Any) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(1, 3, 7, 9)).astype(np.float32)
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def test_up_sampling_rewrite_is_exact() -> None:
+    """ConvTranspose 2x2/2 becomes Conv 1x1 + DepthToSpace with the same output (to float rounding)."""
+    proto = _up_sampling_graph(2, 2)
+    before = _run(proto)
+    assert upsampling_as_depth_to_space(proto) == 1
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops == ["Conv", "DepthToSpace", "Relu"]
+    after = _run(proto)
+    assert after.shape == before.shape == (1, 5, 14, 18)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_up_sampling_rewrite_leaves_overlapping_kernels_alone() -> None:
+    """A 3x3 kernel at stride 2 overlaps its neighbours: no 1x1 Conv equals it, so it stays."""
+    proto = _up_sampling_graph(3, 2)
+    before = _run(proto)
+    assert upsampling_as_depth_to_space(proto) == 0
+    assert next(n.op_type for n in proto.graph.node) == "ConvTranspose"
+    np.testing.assert_array_equal(_run(proto), before)
+
+
+def test_shipped_int8_twin_has_no_float_up_sampling() -> None:
+    """The shipped int8 model was made with the rewrite: no ConvTranspose left to run in float."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(SHIPPED_INT8_MODEL)).graph.node}
+    assert "ConvTranspose" not in ops and {"DepthToSpace", "QuantizeLinear"} <= ops
