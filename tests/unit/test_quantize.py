@@ -134,7 +134,7 @@ def _up_sampling_graph(kernel: int, stride: int, c_in: int = 3, c_out: int = 5) 
 
 
 def _run(proto: Any) -> np.ndarray:
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).normal(size=(1, 3, 7, 9)).astype(np.float32)
