@@ -11,7 +11,8 @@ Ground truth comes from the simulator's test endpoints: the field of view's erro
 (drift residual), face positions (slice thickness), Pt-filled and unfilled pore pixels of every image and
 the label image of every image (mIoU of the daemon's segmentation, classes pore/active/cbd/collector).
 The idle fraction is measured separately: the adaptive run with segmentation at a time scale that makes
-one slice about `--instrument-s` seconds of instrument work; idle = wall time outside instrument calls.
+one slice about `--instrument-s` seconds of instrument work, on the instrument's own clock as
+bench_idle measures it (the simulator's log of its operations: idle = 1 - busy / window).
 
     python -m benchmarks.bench_adapt [--slices 200] [--width-px 512 --height-px 384] [--seed 0]
 """
@@ -33,6 +34,7 @@ import httpx
 import numpy as np
 import tifffile
 
+from benchmarks.bench_idle import attribute, busy_log, idle_fraction
 from benchmarks.readme_tables import Table, publish
 from kintsugi_daemon.config import DaemonSettings, parse_recipe
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess, start_simulator
@@ -96,41 +98,21 @@ def recipe(slices: int, width: int, height: int, *, every: int, policy: str, seg
     )
 
 
-class TimedInstrument:
-    """The real client, with the wall time spent inside each instrument call added up (bench_daemon's,
-    which main replaced by bench_serve and bench_idle)."""
-
-    def __init__(self, inner: HttpDualBeam) -> None:
-        self.inner = inner
-        self.inside_s = 0.0
-
-    def __getattr__(self, verb: str) -> Any:
-        method = getattr(self.inner, verb)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return await method(*args, **kwargs)
-            finally:
-                self.inside_s += time.perf_counter() - t0
-
-        return call
-
-
-class TruthTap(TimedInstrument):
-    """The real client, timed (idle fraction), keeping the simulator's ground-truth labels of every image."""
+class TruthTap:
+    """The real client, keeping the simulator's ground-truth labels of every image it acquires."""
 
     def __init__(self, inner: HttpDualBeam, sim: SimulatorProcess) -> None:
-        super().__init__(inner)
+        self.inner = inner
         self.sim = sim
         self.labels: list[np.ndarray] = []
 
+    def __getattr__(self, verb: str) -> Any:
+        return getattr(self.inner, verb)
+
     async def acquire(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = asyncio.get_running_loop().time()
         try:
             return await self.inner.acquire(*args, **kwargs)
         finally:
-            self.inside_s += asyncio.get_running_loop().time() - t0
             async with httpx.AsyncClient(
                 base_url=self.sim.url, headers={"Authorization": f"Bearer {self.sim.token}"}
             ) as http:
@@ -211,8 +193,9 @@ def _miou(
 
 async def one_run(
     name: str, recipe_text: str, sim_args: list[str], tmp: Path, time_scale: float = 0.0
-) -> tuple[Figures, float]:
-    """One run on a fresh simulator; the figures and the instrument idle fraction (wall clock)."""
+) -> tuple[Figures, float | None]:
+    """One run on a fresh simulator; the figures and, at a time scale above 0, the instrument idle
+    fraction on the instrument's clock (at 0 the instrument takes no time: None)."""
     log = tmp / f"{name}.sim.log"
     args = [*sim_args, "--time-scale", repr(time_scale), "--test-endpoints"]
     async with start_simulator(args, log_path=log, ready_timeout_s=900) as sim:
@@ -223,10 +206,10 @@ async def one_run(
         tap = TruthTap(client, sim)
         controller = Controller(instrument=tap, journal=journal, settings=settings)
         await controller.boot()
-        t0 = asyncio.get_running_loop().time()
+        t0 = time.monotonic()  # the clock of the simulator's busy log
         await controller.command("start", {"recipe": recipe_text})
         await controller.wait_run()
-        wall = asyncio.get_running_loop().time() - t0
+        idle = idle_fraction(attribute(await busy_log(sim.url, sim.token, t0), [])) if time_scale else None
         state, reason = controller.state, controller.reason
         await controller.close()
         run_id = journal.runs()[-1].run_id
@@ -266,7 +249,7 @@ async def one_run(
         partly_slices=sum(1 for t in truth if _partly(t)),
         decisions=decisions,
     )
-    return figures, (wall - tap.inside_s) / wall if wall > 0 else 0.0
+    return figures, idle
 
 
 def _opt(value: float | None) -> str:
@@ -401,7 +384,7 @@ def readme_block(
         f"{_opt(adaptive.miou_clean)} / {_opt(adaptive.miou_partly)} ({adaptive.partly_slices})",
     )
     table.add(
-        "instrument idle fraction, segmentation + adaptation on",
+        "instrument idle fraction on the instrument's clock, segmentation + adaptation on",
         "<= 5 %",
         "",
         "",
@@ -445,6 +428,7 @@ async def main_async(a: argparse.Namespace) -> None:
         text = recipe(idle_slices, w, h, every=1, policy="adaptive", segmentation=True)
         time_scale = a.instrument_s / estimate_run(parse_recipe(text)).seconds_per_slice
         _, idle = await one_run("idle", text, sim_args, tmp, time_scale=time_scale)
+    assert idle is not None
     report(published, sweep, adaptive, idle, time_scale)
 
 

@@ -123,6 +123,21 @@ def length(xs: Iterable[Interval]) -> float:
     return sum(b - a for a, b in xs)
 
 
+def idle_fraction(parts: dict[str, float]) -> float:
+    """Idle on the instrument's clock; the simulator's overruns are neither the instrument's nor the
+    daemon's: out of the window."""
+    return 1 - parts["busy"] / (parts["window"] - parts["overrun"])
+
+
+async def busy_log(url: str, token: str, since_s: float) -> dict[str, Any]:
+    """The simulator's log of its operations since `since_s` (monotonic clock): `/test/busy`."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers) as http:
+        reply = await http.get("/test/busy", params={"since_s": since_s})
+        reply.raise_for_status()
+        return dict(reply.json())
+
+
 def attribute(busy: dict[str, Any], spans: Sequence[profiling.Span]) -> dict[str, float]:
     """Idle fraction, its parts per cause (seconds), and the window, from the two logs."""
     ops = busy["intervals"]
@@ -166,9 +181,7 @@ async def run_one(name: str, slices: int) -> dict[str, float]:
             await controller.close()
             await client.aclose()
             journal.close()
-            headers = {"Authorization": f"Bearer {sim.token}"}
-            async with httpx.AsyncClient(base_url=sim.url, headers=headers) as http:
-                busy = (await http.get("/test/busy", params={"since_s": t0})).json()
+            busy = await busy_log(sim.url, sim.token, t0)
     parts = attribute(busy, spans)
     parts["scale"] = scale
     parts["slices"] = slices
@@ -189,8 +202,7 @@ def report(results: dict[str, dict[str, float]]) -> None:
         per_slice = ", ".join(f"{n} {r.get(kind, 0) / r['slices']:.3f}" for n, r in results.items())
         print(f"{kind} (s/slice, including the operation): {per_slice}")
     table = Table(["", *(HEADINGS[n].format(s=RECIPES[n]["instrument_s"]) for n in names)])
-    # The simulator's overruns are neither the instrument's nor the daemon's: out of the window.
-    idle = [1 - r["busy"] / (r["window"] - r["overrun"]) for r in rs]
+    idle = [idle_fraction(r) for r in rs]
     table.add(
         "slices; window on the instrument's clock", *(f"{r['slices']:.0f}; {r['window']:.1f} s" for r in rs)
     )
