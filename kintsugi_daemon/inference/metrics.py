@@ -297,8 +297,12 @@ def slice_metrics(
 
     cracks = find_cracks(labels, pixel_size_m, crack_params)
     if max_probability is not None and entropy is not None:
-        mean_p: float | None = float(np.mean(max_probability))
-        mean_h: float | None = float(np.mean(entropy))
+        # Over the specimen: pixels labelled outside (a fiducial's window) are no phase the model chose.
+        specimen = labels != OUTSIDE_LABEL
+        if not specimen.any():
+            specimen = np.ones_like(specimen)
+        mean_p: float | None = float(np.mean(max_probability[specimen]))
+        mean_h: float | None = float(np.mean(entropy[specimen]))
     else:
         mean_p = mean_h = None
         undefined["confidence_mean_max_probability"] = "labels only, no probabilities"

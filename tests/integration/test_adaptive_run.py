@@ -12,10 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
+import tifffile
 
 from kintsugi_daemon import adapt
 from kintsugi_daemon.adapt.decisions import Decision
 from kintsugi_daemon.demo.simulator_process import SimulatorProcess
+from kintsugi_daemon.inference.contract import OUTSIDE_LABEL
 from kintsugi_daemon.instrument import SIN_SEM_FIB
 from kintsugi_daemon.states import adapting, recovery
 from tests.integration.test_controller import Harness, make_harness
@@ -110,6 +112,12 @@ async def test_injected_drift_is_measured_and_corrected(harness: Harness, sim: S
     assert len(adapted) == len(decisions(harness)) > 0
     latest = harness.controller.latest_slice
     assert latest is not None and "obs_fiducial_score" in latest["metrics"]
+    # The fiducial's window is no specimen in the labels (255, like the simulator's truth of the mark);
+    # the rest is segmented, and the slice's phase fractions are of the specimen.
+    labels = tifffile.imread(run_dir / "slices" / "0003_labels.tif")
+    assert (labels[8:72, 8:136] == OUTSIDE_LABEL).all()
+    assert (labels[72:] != OUTSIDE_LABEL).all() and (labels[:, 136:] != OUTSIDE_LABEL).all()
+    assert latest["metrics"]["fraction_outside"] == pytest.approx(64 * 128 / (256 * 192))
 
 
 async def test_a_lost_fiducial_suspends_and_nothing_is_milled_after(

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kintsugi_daemon.inference.contract import (
     CANONICAL_CLASSES,
+    OUTSIDE_LABEL,
     SHIPPED_MODEL,
     ModelLoadError,
     ModelMismatch,
@@ -455,6 +456,22 @@ def test_phase_fractions_and_undefined_values() -> None:
     assert "cbd_coverage" not in flat and flat["fraction_cbd"] == 1.0
     all_collector = slice_metrics(np.full((10, 10), K, np.uint8), PX)
     assert all_collector.electrode_porosity is None
+
+
+def test_confidence_and_fractions_leave_the_outside_out() -> None:
+    """A window labelled outside (the drift fiducial's mark) counts for no phase and no confidence."""
+    labels = np.full((100, 100), A, np.uint8)
+    labels[:, 50:] = P
+    labels[:20, :40] = OUTSIDE_LABEL  # the mark: Pt-C and trenches, where the model is unsure
+    p_max = np.full((100, 100), 0.9, np.float32)
+    p_max[:20, :40] = 0.3
+    entropy = np.full((100, 100), 0.1, np.float32)
+    entropy[:20, :40] = 0.9
+    m = slice_metrics(labels, PX, max_probability=p_max, entropy=entropy)
+    assert m.confidence_mean_max_probability == pytest.approx(0.9)
+    assert m.confidence_mean_entropy == pytest.approx(0.1)
+    assert m.fraction_outside == pytest.approx(0.08)
+    assert m.fraction_pore == pytest.approx(50 / 92) and m.fraction_active == pytest.approx(42 / 92)
 
 
 def test_interface_lengths() -> None:
