@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 
 from kintsugi_daemon.config import MqttSettings
-from kintsugi_daemon.service import mqtt_cancel
+from kintsugi_daemon.service import mqtt_client
 from kintsugi_daemon.service.messages import SLICES_LATEST_PREVIEW, Topics
 
 __all__ = ["DaemonView", "Operator", "OperatorError"]
@@ -140,6 +140,7 @@ class Operator:
             identifier=f"kintsugi-cli-{uuid.uuid4().hex[:8]}",
             tls_params=tls,
             timeout=10,
+            socket_options=mqtt_client.NO_DELAY,
         )
         try:
             await client.__aenter__()
@@ -172,8 +173,8 @@ class Operator:
         """Publish `cmd/<verb>` and return its reply (OperatorError when none comes in time)."""
         payload = {"command_id": uuid.uuid4().hex, "sent_at": time.time(), **(fields or {})}
         async with self._client() as client:
-            await mqtt_cancel.call(client.subscribe(self.topics.reply(verb), qos=1))
-            await mqtt_cancel.call(client.publish(self.topics.command(verb), json.dumps(payload), qos=1))
+            await mqtt_client.call(client.subscribe(self.topics.reply(verb), qos=1))
+            await mqtt_client.call(client.publish(self.topics.command(verb), json.dumps(payload), qos=1))
             try:
                 async with asyncio.timeout(timeout_s):
                     async for message in client.messages:
@@ -196,7 +197,7 @@ class Operator:
         returns True (or the timeout passes)."""
         view = DaemonView()
         async with self._client() as client:
-            await mqtt_cancel.call(client.subscribe(self.topics.full("#"), qos=1))
+            await mqtt_client.call(client.subscribe(self.topics.full("#"), qos=1))
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
                     payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -210,7 +211,7 @@ class Operator:
         status has come and the broker's retained burst has been quiet for RETAINED_QUIET_S."""
         view = DaemonView()
         async with self._client() as client:
-            await mqtt_cancel.call(client.subscribe(self.topics.full("#"), qos=1))
+            await mqtt_client.call(client.subscribe(self.topics.full("#"), qos=1))
             messages = aiter(client.messages)
             try:
                 async with asyncio.timeout(timeout_s):

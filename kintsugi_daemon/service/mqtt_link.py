@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ValidationError
 
 from kintsugi_daemon.config import MqttSettings
-from kintsugi_daemon.service import mqtt_cancel, profiling
+from kintsugi_daemon.service import mqtt_client, profiling
 from kintsugi_daemon.service.messages import (
     COMMAND_MODELS,
     PROGRESS,
@@ -192,7 +192,7 @@ class MqttLink:
         if client is None:
             return False
         try:
-            await mqtt_cancel.call(client.publish(self.topics.metrics, _json(values), qos=0))
+            await mqtt_client.call(client.publish(self.topics.metrics, _json(values), qos=0))
         except aiomqtt.MqttError as exc:
             log.debug("metrics not published: %s", exc)
             return False
@@ -238,6 +238,7 @@ class MqttLink:
             keepalive=s.keepalive_s,
             timeout=self.tuning.timeout_s,
             tls_params=tls,
+            socket_options=mqtt_client.NO_DELAY,
         )
         client.pending_calls_threshold = (
             self.tuning.window + 16
@@ -246,11 +247,11 @@ class MqttLink:
 
     async def _connection(self) -> None:
         client = self._make_client()
-        before = mqtt_cancel.cancel_requests()
+        before = mqtt_client.cancel_requests()
         async with client:
             self._client = client
             try:
-                mqtt_cancel.reraise_dropped_cancel(before)  # the connect waits with wait_for too
+                mqtt_client.reraise_dropped_cancel(before)  # the connect waits with wait_for too
                 self.connections += 1
                 try:
                     await self._announce(client)
@@ -280,9 +281,9 @@ class MqttLink:
         rest retained. Subscribing first matters: an operator who sees our status may command at once."""
         if self.protocol == aiomqtt.ProtocolVersion.V5:
             options = SubscribeOptions(qos=1, retainAsPublished=True)
-            await mqtt_cancel.call(client.subscribe(self.topics.commands, options=options))
+            await mqtt_client.call(client.subscribe(self.topics.commands, options=options))
         else:
-            await mqtt_cancel.call(client.subscribe(self.topics.commands, qos=1))
+            await mqtt_client.call(client.subscribe(self.topics.commands, qos=1))
         retained = self._retained
         retained.pop(self.topics.status, None)
         retained[self.topics.description] = _json(self._description())
@@ -297,9 +298,9 @@ class MqttLink:
                     retained[topic] = b""
             retained.update(active)
         status = _json(self._status_now())
-        await mqtt_cancel.call(client.publish(self.topics.status, status, qos=1, retain=True))
+        await mqtt_client.call(client.publish(self.topics.status, status, qos=1, retain=True))
         for topic, payload in list(retained.items()):
-            await mqtt_cancel.call(client.publish(topic, payload, qos=1, retain=True))
+            await mqtt_client.call(client.publish(topic, payload, qos=1, retain=True))
 
     def _status_now(self, **update: Any) -> Status:
         return self._status().model_copy(update={"ts": self._clock(), **update})
@@ -317,7 +318,7 @@ class MqttLink:
         if client is None:
             return False
         try:
-            await mqtt_cancel.call(client.publish(topic, payload, qos=1, retain=True))
+            await mqtt_client.call(client.publish(topic, payload, qos=1, retain=True))
         except aiomqtt.MqttError as exc:
             log.debug("retained %s not published now (re-sent on reconnect): %s", topic, exc)
             return False
@@ -386,7 +387,7 @@ class MqttLink:
             if not payload:
                 continue  # an empty payload clears a retained message from the broker: not a command
             reply = await self._command(verb, payload, retained=message.retain)
-            await mqtt_cancel.call(client.publish(self.topics.reply(verb), _json(reply), qos=1))
+            await mqtt_client.call(client.publish(self.topics.reply(verb), _json(reply), qos=1))
 
     async def _command(self, verb: str, payload: bytes, *, retained: bool) -> CommandReply:
         command_id: str | None = None

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import aiomqtt
 
-from kintsugi_daemon.service import mqtt_cancel
+from kintsugi_daemon.service import mqtt_client
 from kintsugi_daemon.service.messages import TOPIC_PREFIX
 from kintsugi_daemon.service.preview import preview_identity
 
@@ -55,6 +55,7 @@ class MqttAccess:
             identifier=identifier,
             tls_params=tls,
             timeout=timeout_s,
+            socket_options=mqtt_client.NO_DELAY,
         )
 
 
@@ -120,7 +121,7 @@ class Hub:
                 async with self.access.client(f"kintsugi-web-{uuid.uuid4().hex[:8]}") as client:
                     filters = [f"{TOPIC_PREFIX}/{i}/#" for i in sorted(self.only)] or [f"{TOPIC_PREFIX}/+/#"]
                     for topic_filter in filters:
-                        await mqtt_cancel.call(client.subscribe(topic_filter, qos=1))
+                        await mqtt_client.call(client.subscribe(topic_filter, qos=1))
                     self.error, delay = None, 0.5
                     self.connected.set()
                     self._broadcast({"kind": "broker", "connected": True, "error": None})

@@ -1,4 +1,4 @@
-"""A cancel that lands in the same loop iteration as the broker's answer is not lost (mqtt_cancel).
+"""A cancel that lands in the same loop iteration as the broker's answer is not lost (mqtt_client).
 
 aiomqtt waits with `asyncio.wait_for`; `answered_at_once` reproduces that wait and makes the answer and
 the cancel arrive together, deterministically, which a fast broker does by chance.
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from kintsugi_daemon.service import mqtt_cancel
+from kintsugi_daemon.service import mqtt_client
 
 
 async def answered_at_once(wrap: Callable[[Awaitable[str]], Awaitable[str]]) -> asyncio.Task[str]:
@@ -45,7 +45,7 @@ async def test_plain_wait_for_drops_the_cancel_on_python_311() -> None:
 
 
 async def test_call_raises_the_dropped_cancel() -> None:
-    task = await answered_at_once(mqtt_cancel.call)
+    task = await answered_at_once(mqtt_client.call)
     done, _ = await asyncio.wait([task], timeout=5)
     assert done and task.cancelled()
 
@@ -53,7 +53,7 @@ async def test_call_raises_the_dropped_cancel() -> None:
 async def test_call_returns_the_answer_when_not_cancelled() -> None:
     answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     answer.set_result(7)
-    assert await mqtt_cancel.call(asyncio.wait_for(answer, timeout=1)) == 7
+    assert await mqtt_client.call(asyncio.wait_for(answer, timeout=1)) == 7
 
 
 async def test_call_inside_a_cancel_handler_goes_on() -> None:
@@ -66,7 +66,7 @@ async def test_call_inside_a_cancel_handler_goes_on() -> None:
         except asyncio.CancelledError:
             answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
             answer.set_result("offline")
-            published.append(await mqtt_cancel.call(asyncio.wait_for(answer, timeout=1)))
+            published.append(await mqtt_client.call(asyncio.wait_for(answer, timeout=1)))
             raise
 
     task = asyncio.create_task(link())
@@ -83,7 +83,7 @@ async def test_a_timeout_that_fires_during_the_call_stays_a_timeout() -> None:
 
     async def caller() -> None:
         async with asyncio.timeout(0.05):
-            await mqtt_cancel.call(asyncio.wait_for(answer, timeout=10))
+            await mqtt_client.call(asyncio.wait_for(answer, timeout=10))
             await asyncio.Event().wait()
 
     loop = asyncio.get_running_loop()
