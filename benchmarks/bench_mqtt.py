@@ -216,6 +216,12 @@ async def outage(outage_s: float, rate_hz: float, lead_s: float) -> tuple[str, s
         "contiguous and in order after dropping repeats",
         "0 / 0 / yes",
         f"{lost} / {duplicated} / {'yes' if contiguous and in_order else 'no'}"
+        + (
+            f" ({redelivered} redelivered by the broker, QoS 1's at-least-once; "
+            f"{duplicated - redelivered} published twice by the daemon)"
+            if duplicated
+            else ""
+        )
         + ("" if ok and duplicated == 0 else " (**missed**)"),
     )
 
