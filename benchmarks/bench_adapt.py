@@ -237,11 +237,7 @@ async def one_run(
     drift = _drift(truth)
     faces = [t["face_position_m"] for t in truth]
     errors = [abs((b - a) - TARGET_M) / TARGET_M for a, b in itertools.pairwise(faces)]
-    d = parse_recipe(recipe_text).adapt.drift
-    window = (
-        slice(d.fiducial_y_px, d.fiducial_y_px + d.fiducial_height_px),
-        slice(d.fiducial_x_px, d.fiducial_x_px + d.fiducial_width_px),
-    )
+    window = parse_recipe(recipe_text).adapt.drift.window  # every run's recipe names the same window
     miou = _miou(settings.data_root / run_id, tap.labels, truth, window)
     figures = Figures(
         name=name,

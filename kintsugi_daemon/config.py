@@ -323,6 +323,12 @@ class DriftAdapt(Strict):
     fiducial_width_px: int = Field(default=256, ge=32, le=6144)
     fiducial_height_px: int = Field(default=128, ge=32, le=4096)
 
+    @property
+    def window(self) -> tuple[slice, slice]:
+        """The fiducial's window as image (rows, columns)."""
+        y, x = self.fiducial_y_px, self.fiducial_x_px
+        return slice(y, y + self.fiducial_height_px), slice(x, x + self.fiducial_width_px)
+
 
 class FocusAdapt(Strict):
     """Autofocus when sharpness degrades or the face has receded far; autostigmation if that did not help."""

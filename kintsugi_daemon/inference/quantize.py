@@ -78,16 +78,14 @@ def quantize_int8(src: Path, dst: Path, crops: Sequence[np.ndarray], *, extra_no
             return next(self._it, None)
 
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    rewritten = dst.with_name(f".{dst.name}.float-{os.getpid()}")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_static logs a pre-processing hint on the root logger
     try:
-        proto = onnx.load(str(src))
-        upsamplings = upsampling_as_depth_to_space(proto)
-        onnx.save(proto, str(rewritten))
+        rewritten = onnx.load(str(src))
+        upsamplings = upsampling_as_depth_to_space(rewritten)
         quantize_static(
-            str(rewritten),
+            rewritten,
             str(tmp),
             _Reader(),
             quant_format=QuantFormat.QDQ,
@@ -105,7 +103,6 @@ def quantize_int8(src: Path, dst: Path, crops: Sequence[np.ndarray], *, extra_no
     finally:
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
-        rewritten.unlink(missing_ok=True)
     return dst
 
 

@@ -32,7 +32,7 @@ __all__ = [
     "adapt",
     "adapted_events",
     "fiducial_request",
-    "fiducial_window",
+    "outside_window",
     "restore",
     "suspend_run",
 ]
@@ -65,17 +65,12 @@ def fiducial_request(recipe: Recipe) -> FiducialRequest:
     )
 
 
-def fiducial_window(recipe: Recipe) -> tuple[slice, slice] | None:
-    """The image rows and columns of the recipe's fiducial window when the run mills a fiducial there
-    (adaptive, drift correction on), else None. The mark is Pt-C and trenches, not specimen: the
-    segmentation labels the window `outside` (255), as the phase fractions and the volume ignore it."""
+def outside_window(recipe: Recipe) -> tuple[slice, slice] | None:
+    """The recipe's fiducial window when the run mills a fiducial there (adaptive, drift correction on),
+    else None. The mark is Pt-C and trenches, not specimen: the segmentation labels the window `outside`
+    (255), as the phase fractions and the volume ignore it."""
     d = recipe.adapt.drift
-    if recipe.adapt.policy != "adaptive" or not d.enabled:
-        return None
-    return (
-        slice(d.fiducial_y_px, d.fiducial_y_px + d.fiducial_height_px),
-        slice(d.fiducial_x_px, d.fiducial_x_px + d.fiducial_width_px),
-    )
+    return d.window if recipe.adapt.policy == "adaptive" and d.enabled else None
 
 
 async def _images(run: ActiveRun, index: int) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from kintsugi_daemon.inference.session import inference_threads
 from kintsugi_daemon.inference.tiling import segment as run_segmentation
 from kintsugi_daemon.service import profiling
 from kintsugi_daemon.service.journal import EventDraft, Journal
-from kintsugi_daemon.states.adapting import fiducial_window
+from kintsugi_daemon.states.adapting import outside_window
 from kintsugi_daemon.states.alerts import Alerts
 from kintsugi_daemon.states.checkpoint import SliceProducts
 from kintsugi_daemon.states.run import ActiveRun
@@ -130,7 +130,7 @@ class SegmentationPipeline:
             budget = recipe.segmentation.memory_budget_mb << 20
             result = await asyncio.to_thread(run_segmentation, model, images, memory_budget_bytes=budget)
             infer_s = time.monotonic() - t0
-            window = fiducial_window(recipe)
+            window = outside_window(recipe)
             if window is not None:  # the drift fiducial's mark: not specimen (drift keeps it there)
                 result.labels[window] = OUTSIDE_LABEL
             metrics = await asyncio.to_thread(
