@@ -4,7 +4,8 @@ cancellation.
 Nagle: paho leaves it on, so a small publish waits for the ACK of the previous segment, which the
 broker's kernel delays up to 40 ms when it has nothing to send back at once. Commands, replies and
 events are small and one at a time: with Mosquitto's `set_tcp_nodelay` on, the command fuzz drill's
-replies fell from 176 to 31 per second (one 40 ms stall each) until the clients set TCP_NODELAY too.
+replies (500-command runs) fell from 176 to 31 per second, one 40 ms stall each, until the clients set
+TCP_NODELAY too.
 
 Cancellation:
 aiomqtt waits for CONNACK, SUBACK and PUBACK with `asyncio.wait_for`. On Python 3.11, when the cancel
